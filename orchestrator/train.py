@@ -1,0 +1,448 @@
+"""The training recipe: any registered ResNet, DDP on Ray Train (V2), checkpoints, resume, MLflow.
+
+Reads top to bottom: the worker's loop (model, data, optimisation, evaluation, reporting), then the
+driver that builds the TorchTrainer. The worker knows nothing of Tune; Tune wraps `fit`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import models
+import pipelines
+
+from . import tracking
+from .config import TrainConfig, derived, flatten, from_dict, run_name, to_dict
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces the worker loop uses (pure functions of their inputs).
+
+
+def lr_at(cfg: TrainConfig, base_lr: float, it: int, steps_per_epoch: int, plateau_scale: float) -> float:
+    """Learning rate at iteration `it` (warm-up is handled by the caller)."""
+    s = cfg.schedule
+    if s.kind == "step":
+        unit = steps_per_epoch if s.milestone_unit == "epoch" else 1
+        passed = sum(it >= m * unit for m in s.milestones)
+        return base_lr * s.gamma**passed
+    if s.kind == "plateau":
+        return base_lr * plateau_scale
+    total = max(1, s.epochs * steps_per_epoch)  # cosine
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
+
+
+def correct_topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    k_max = min(max(ks), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices
+    hits = top == labels[:, None]
+    return [int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device) -> dict:
+    """Loss, top-1 and top-5 error (%) over a split that the ranks read once between them.
+
+    A view dimension (10-crop: B x V x C x H x W) or a tuple of scales is averaged in softmax space.
+    """
+    model.eval()
+    loss_sum = c1 = c5 = n = 0.0
+    for images, labels in loader:
+        labels = labels.to(device)
+        probs = view_averaged_probs(model, images, device)
+        loss_sum += float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), labels, reduction="sum"))
+        a, b = correct_topk(probs, labels)
+        c1, c5, n = c1 + a, c5 + b, n + len(labels)
+    loss_sum, c1, c5, n = all_reduce_sum([loss_sum, c1, c5, n], device)
+    n = max(n, 1.0)
+    return {"loss": loss_sum / n, "top1_err": 100 * (1 - c1 / n), "top5_err": 100 * (1 - c5 / n), "n": int(n)}
+
+
+def view_averaged_probs(model: torch.nn.Module, images, device) -> torch.Tensor:
+    """Softmax scores averaged over the test views of each image (single view, 10-crop or scales)."""
+    views = list(images) if isinstance(images, tuple | list) else [images]
+    total = None
+    for v in views:
+        v = v.to(device, non_blocking=True)
+        if v.dim() == 5:  # B x V x C x H x W
+            b, nv = v.shape[:2]
+            p = F.softmax(model(v.flatten(0, 1)).float(), dim=1).view(b, nv, -1).mean(1)
+        else:
+            p = F.softmax(model(v).float(), dim=1)
+        total = p if total is None else total + p
+    return total / len(views)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate(state["python"])
+
+
+def make_transforms(cfg: TrainConfig, manifest: dict, protocol: str = "center"):
+    """(train, test) transforms of the configured kind, normalised with the manifest's mean/std."""
+    d = cfg.data
+    common = {"mean": manifest["mean"], "std": manifest["std"]}
+    if d.kind == "imagenet":
+        train = pipelines.make_transform(
+            "imagenet", True, size=d.size, scale_range=tuple(d.scale_range) or None, lighting=d.pca_lighting, **common
+        )
+        test = pipelines.make_transform(
+            "imagenet", False, size=d.test_size or d.size, resize=d.resize or None, protocol=protocol, **common
+        )
+    else:
+        train = pipelines.make_transform("cifar", True, size=d.size, **common)
+        test = pipelines.make_transform("cifar", False, size=d.test_size or d.size, protocol=protocol, **common)
+    return train, test
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop each Ray Train worker runs.
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = from_dict(TrainConfig, loop_config["train"])
+    d = derived(cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+
+    manifest = pipelines.read_manifest(cfg.data.url)
+    classes = manifest["classes"]
+    model = models.create_model(cfg.model.name, num_classes=len(classes), **cfg.model.overrides)
+    if cfg.scaling.sync_batchnorm and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if on_gpu and cfg.scaling.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(  # v1: weight decay on every parameter, BN included
+        model.parameters(),
+        lr=d["lr_scaled"],
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        nesterov=cfg.optim.nesterov,
+        foreach=True,
+    )
+
+    # Resume: everything needed to continue exactly where the last checkpoint left off.
+    start_epoch, step, history = 0, 0, []
+    plateau = {"scale": 1.0, "best": float("inf"), "bad": 0}
+    warm = cfg.schedule.warmup_lr > 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+        plateau, warm = state["plateau"], state["warm"]
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        if rank == 0:
+            print(f"[resume] from epoch {start_epoch} (iteration {step})", flush=True)
+
+    # (1) Wrap in DDP and move to this worker's device: gloo on CPU, NCCL on GPU.
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+    train_tf, test_tf = make_transforms(cfg, manifest)
+    loader_args = dict(rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.seed)
+    val_loader = pipelines.make_loader(
+        cfg.data.url, cfg.data.val_split, d["per_worker_batch"], transform=test_tf, shuffle=False,
+        cache_dir=cfg.data.cache_dir or None, **loader_args,
+    )
+    logger = tracking.EpochLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and cfg.scaling.bf16)
+
+    for epoch in range(start_epoch, cfg.schedule.epochs):
+        # (2) Every rank gets the same number of batches per epoch (the loader guarantees it), so
+        # DDP's gradient all-reduce never waits on a rank that ran out of data.
+        loader = pipelines.make_loader(
+            cfg.data.url, cfg.data.train_split, d["per_worker_batch"], epoch=epoch, transform=train_tf,
+            shuffle=True, shuffle_buffer=cfg.data.shuffle_buffer, cache_dir=cfg.data.cache_dir or None,
+            **loader_args,
+        )
+        steps_per_epoch = len(loader)
+        if cfg.debug.kill_worker_at_epoch == epoch and rank == world - 1 and world > 1:
+            marker = Path(cfg.debug.kill_marker)
+            if cfg.debug.kill_marker and not marker.exists():
+                marker.write_text(f"killed rank {rank} at epoch {epoch}\n")
+                print(f"[fault drill] killing worker rank {rank} at epoch {epoch}", flush=True)
+                os._exit(1)
+
+        model.train()
+        loss_sum = correct = seen = 0.0
+        t0 = time.perf_counter()
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if on_gpu and cfg.scaling.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(cfg, d["lr_scaled"], step, steps_per_epoch, plateau["scale"])
+            if warm:
+                lr = cfg.schedule.warmup_lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with autocast:
+                logits = model(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            batch_correct = float((logits.argmax(1) == labels).sum())
+            loss_sum += float(loss) * len(labels)
+            correct += batch_correct
+            seen += len(labels)
+            if warm:  # v1: ResNet-110 warms up until the training error drops below 80 % (all ranks agree)
+                c, n = all_reduce_sum([batch_correct, float(len(labels))], device)
+                done_iters = cfg.schedule.warmup_iters and step >= cfg.schedule.warmup_iters
+                below = cfg.schedule.warmup_until_train_err and 100 * (1 - c / n) < cfg.schedule.warmup_until_train_err
+                if done_iters or below:
+                    warm = False
+        elapsed = time.perf_counter() - t0
+        loss_sum, correct, seen, worker_rate_sum = all_reduce_sum(
+            [loss_sum, correct, seen, seen / max(elapsed, 1e-9)], device
+        )
+        val = evaluate(bare, val_loader, device)
+        if cfg.schedule.kind == "plateau":  # /10 when val error has not improved for `patience` epochs
+            if val["top1_err"] < plateau["best"] - 1e-6:
+                plateau["best"], plateau["bad"] = val["top1_err"], 0
+            else:
+                plateau["bad"] += 1
+                if plateau["bad"] >= cfg.schedule.plateau_patience:
+                    plateau["scale"] *= cfg.schedule.gamma
+                    plateau["bad"] = 0
+        metrics = {
+            "train_loss": loss_sum / max(seen, 1),
+            "train_top1_err": 100 * (1 - correct / max(seen, 1)),
+            "val_loss": val["loss"],
+            "val_top1_err": val["top1_err"],
+            "val_top5_err": val["top5_err"],
+            "lr": lr,
+            "images_per_sec": seen / max(elapsed, 1e-9),
+            "images_per_sec_per_worker": worker_rate_sum / world,
+        }
+        history.append({"epoch": epoch, "step": step, **metrics})
+
+        # (3) ray.train.report is a barrier: every rank calls it once per epoch.
+        last = epoch == cfg.schedule.epochs - 1
+        report = {**metrics, "epoch": epoch, "step": step}
+        if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or last:
+            rngs = [None] * world
+            if dist.is_available() and dist.is_initialized():
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs = [rng_state()]
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:  # (4) one copy of the state: rank 0 writes, Ray uploads it
+                    torch.save(
+                        {
+                            "model": bare.state_dict(),
+                            "optimizer": opt.state_dict(),
+                            "epoch": epoch,
+                            "step": step,
+                            "history": history,
+                            "plateau": plateau,
+                            "warm": warm,
+                            "rng": rngs,
+                            "config": loop_config["train"],
+                            "classes": list(classes),
+                        },
+                        Path(tmp) / CHECKPOINT_FILE,
+                    )
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        else:
+            ray.train.report(report)
+        if rank == 0:
+            # After the report: an epoch lost to a failure before its checkpoint is re-run, and the
+            # logger skips epochs already logged, so MLflow never counts an epoch twice.
+            logger.log(epoch, step, metrics)
+            print(
+                f"epoch {epoch + 1}/{cfg.schedule.epochs}  loss {metrics['train_loss']:.3f}  "
+                f"train err {metrics['train_top1_err']:.2f}%  val err {val['top1_err']:.2f}% "
+                f"(top-5 {val['top5_err']:.2f}%)  lr {lr:.4g}  {metrics['images_per_sec']:.0f} img/s",
+                flush=True,
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: builds the trainer, records the run, logs the final model.
+
+
+@dataclass
+class FitResult:
+    name: str
+    run_id: str
+    metrics: dict
+    checkpoint_path: str  # a local copy of the final checkpoint file
+    config: TrainConfig
+
+
+def ensure_data(cfg: TrainConfig, source: str | None) -> None:
+    """Write the demo shards first when the config names a source and the manifest is missing."""
+    if not source:
+        return
+    try:
+        pipelines.read_manifest(cfg.data.url)
+    except Exception:  # noqa: BLE001 - any failure to read means: not written yet
+        print(f"[data] writing {source} shards to {cfg.data.url}", flush=True)
+        from pipelines.shards import main as shards_main
+
+        shards_main(["write", "--source", source, "--out", cfg.data.url])
+
+
+# Settings the workers need to reach the same S3 endpoint and MLflow store as the driver. On a real
+# cluster they come from the nodes' environment (instance roles); forwarding covers local clusters.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI",
+)
+
+
+def forwarded_env() -> dict:
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None = None, experiment: str | None = None) -> FitResult:
+    """Train `cfg` on the Ray cluster (starting a local one if needed); resume if this run exists."""
+    import mlflow
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+
+    from .cluster import check_fits, ensure_ray, storage_for_ray
+
+    ensure_ray()
+    check_fits(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, f"training {cfg.model.name}")
+    name = run_name(cfg)
+    uri = tracking.tracking_uri()
+    client = mlflow.tracking.MlflowClient(uri)
+    params = {**flatten(to_dict(cfg)), **{f"derived.{k}": v for k, v in derived(cfg).items()}}
+    run_id, finished = tracking.find_or_create_run(
+        client, experiment or cfg.tracking.experiment, name, params, {"model": cfg.model.name}, parent_run_id
+    )
+    if not finished:
+        tracking.log_dict(client, run_id, to_dict(cfg), "config/train_config.json")
+    print(f"[train] run {name}  (MLflow run {run_id} at {uri})", flush=True)
+
+    storage_path, fs = storage_for_ray(storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,  # deterministic: re-running the same command resumes from the last checkpoint
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.checkpoint.keep_best,
+                checkpoint_score_attribute="val_top1_err",
+                checkpoint_score_order="min",
+            ),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our per-epoch line is the progress
+            worker_runtime_env={"env_vars": forwarded_env()},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracking.set_tags(client, run_id, {"error": str(e)[:4000]})
+        client.set_terminated(run_id, "FAILED")
+        raise
+    if result.error:
+        client.set_terminated(run_id, "FAILED")
+        raise result.error
+
+    local_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    with result.checkpoint.as_directory() as ckpt_dir:
+        shutil.copy(Path(ckpt_dir) / CHECKPOINT_FILE, local_dir / CHECKPOINT_FILE)
+    state = torch.load(local_dir / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+    final = state["history"][-1] if state["history"] else {}
+    if not finished:
+        _log_final_model(client, run_id, cfg, state, local_dir / CHECKPOINT_FILE)
+        client.set_terminated(run_id, "FINISHED")
+    print(
+        f"[train] done: {name}  val top-1 err {final.get('val_top1_err', float('nan')):.2f}%  "
+        f"checkpoint {result.checkpoint.path}",
+        flush=True,
+    )
+    return FitResult(name, run_id, final, str(local_dir / CHECKPOINT_FILE), cfg)
+
+
+def _log_final_model(client, run_id: str, cfg: TrainConfig, state: dict, checkpoint_file: Path) -> None:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    client.log_artifact(run_id, str(checkpoint_file), "checkpoint")
+    client.log_image(run_id, _png_to_image(tracking.error_plot_png(client, run_id, cfg.model.name)), "error_curves.png")
+    if not cfg.tracking.log_model:
+        return
+    model = models.create_model(cfg.model.name, num_classes=len(state["classes"]), **cfg.model.overrides)
+    model.load_state_dict(state["model"])
+    model.eval()
+    size = cfg.data.test_size or cfg.data.size
+    example = torch.zeros(1, model.conv1.in_channels, size, size)
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), model(example).numpy())
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            # pickle keeps the net fully convolutional (pt2 would fix the input size); our code ships along.
+            serialization_format="pickle",
+            code_paths=[str(tracking.PROJECT_ROOT / "models")],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+
+
+def _png_to_image(png: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png))
