@@ -360,9 +360,15 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
     run_id, finished = tracking.find_or_create_run(
         client, experiment or cfg.tracking.experiment, name, params, {"model": cfg.model.name}, parent_run_id
     )
-    if not finished:
-        tracking.log_dict(client, run_id, to_dict(cfg), "config/train_config.json")
+    if finished:  # an earlier invocation completed this run: nothing to train again
+        return finished_result(client, run_id, name, cfg)
+    tracking.log_dict(client, run_id, to_dict(cfg), "config/train_config.json")
     print(f"[train] run {name}  (MLflow run {run_id} at {uri})", flush=True)
+    callbacks = []
+    if _in_tune_session():  # per-epoch metrics to Tune (for schedulers such as ASHA)
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
 
     storage_path, fs = storage_for_ray(storage)
     trainer = TorchTrainer(
@@ -385,6 +391,7 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
             ),
             logging_config=LoggingConfig(log_level="WARNING"),  # our per-epoch line is the progress
             worker_runtime_env={"env_vars": forwarded_env()},
+            callbacks=callbacks,
         ),
     )
     try:
@@ -402,15 +409,34 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
         shutil.copy(Path(ckpt_dir) / CHECKPOINT_FILE, local_dir / CHECKPOINT_FILE)
     state = torch.load(local_dir / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
     final = state["history"][-1] if state["history"] else {}
-    if not finished:
-        _log_final_model(client, run_id, cfg, state, local_dir / CHECKPOINT_FILE)
-        client.set_terminated(run_id, "FINISHED")
+    _log_final_model(client, run_id, cfg, state, local_dir / CHECKPOINT_FILE)
+    client.set_terminated(run_id, "FINISHED")
     print(
         f"[train] done: {name}  val top-1 err {final.get('val_top1_err', float('nan')):.2f}%  "
         f"checkpoint {result.checkpoint.path}",
         flush=True,
     )
     return FitResult(name, run_id, final, str(local_dir / CHECKPOINT_FILE), cfg)
+
+
+def _in_tune_session() -> bool:
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session as in_tune
+
+    return in_tune()
+
+
+def finished_result(client, run_id: str, name: str, cfg: TrainConfig) -> FitResult:
+    """The result of a run that already finished, from its MLflow record (no Ray Train start)."""
+    import mlflow
+
+    local_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}", dst_path=str(local_dir), tracking_uri=client.tracking_uri
+    )
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    final = state["history"][-1] if state["history"] else {}
+    print(f"[train] {name} already finished (MLflow run {run_id}): val top-1 err {final.get('val_top1_err', float('nan')):.2f}%", flush=True)
+    return FitResult(name, run_id, final, path, cfg)
 
 
 def _log_final_model(client, run_id: str, cfg: TrainConfig, state: dict, checkpoint_file: Path) -> None:

@@ -1,0 +1,103 @@
+"""Several trainings at once as Ray Tune trials (ablation studies, ensemble members).
+
+Ray 2.60 (Train V2): each Tune trial runs a small driver function, on a sliver of CPU, that calls
+`fit()`, which builds its own TorchTrainer. Trials run as concurrently as the cluster allows. An
+interrupted study is resumed by re-running it: Tune restores the study, and every trial's `fit()`
+finds its own checkpoints and MLflow run by its deterministic name, so finished trials are not re-run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import ray
+from ray import tune
+
+from .cluster import check_fits, ensure_ray, storage_for_ray
+from .config import TrainConfig, from_dict, run_name, to_dict
+from .train import fit
+
+DRIVER_CPU = 0.01  # the trial's driver only waits on its TorchTrainer; 0 is refused by Tune
+
+
+@dataclass
+class Trial:
+    label: str  # a readable name for reports ("resnet20", "plain56 seed 2", ...)
+    config: TrainConfig
+
+
+def max_concurrent(trials: list[Trial]) -> int:
+    """How many trials fit side by side on the cluster, from each trial's scaling config."""
+    have = ray.cluster_resources()
+    per = max(t.config.scaling.num_workers * t.config.scaling.cpus_per_worker for t in trials)
+    n = math.floor((have.get("CPU", 0.0) - DRIVER_CPU * len(trials)) / per + 1e-9)
+    if any(t.config.scaling.use_gpu for t in trials):
+        gpus = max(t.config.scaling.num_workers for t in trials if t.config.scaling.use_gpu)
+        n = min(n, math.floor(have.get("GPU", 0.0) / gpus))
+    return max(1, min(n, len(trials)))
+
+
+def _trial_driver(params: dict, storage: str, experiment: str, parent_run_id: str | None) -> None:
+    cfg = from_dict(TrainConfig, params["trial"]["train"])
+    result = fit(cfg, storage, parent_run_id=parent_run_id, experiment=experiment)
+    tune.report({**{k: v for k, v in result.metrics.items() if isinstance(v, int | float)}, "finished": 1})
+
+
+def run_trials(
+    trials: list[Trial],
+    *,
+    study: str,
+    storage: str,
+    experiment: str,
+    parent_run_id: str | None = None,
+    scheduler=None,
+) -> dict[str, object]:
+    """Train every trial (resuming an interrupted study); returns Tune's ResultGrid errors by label.
+
+    Each finished trial's numbers are read back from MLflow by its run name (`run_name(cfg)`).
+    """
+    ensure_ray()
+    labels = [t.label for t in trials]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"trial labels must be unique, got {labels}")
+    names = [run_name(t.config) for t in trials]
+    if len(set(names)) != len(names):
+        raise ValueError("two trials have identical configs (give repeats different seeds)")
+    for t in trials:  # fail fast: a trial that can never be scheduled would wait forever
+        check_fits(t.config.scaling.num_workers, t.config.scaling.cpus_per_worker, t.config.scaling.use_gpu,
+                   f"trial {t.label!r}")
+    concurrent = max_concurrent(trials)
+    print(f"[tune] study {study}: {len(trials)} trials, up to {concurrent} at a time", flush=True)
+
+    storage_path, fs = storage_for_ray(storage)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_driver, storage=storage, experiment=experiment, parent_run_id=parent_run_id),
+        {"CPU": DRIVER_CPU},
+    )
+    space = {"trial": tune.grid_search([{"label": t.label, "train": to_dict(t.config)} for t in trials])}
+    path = f"{storage_path.rstrip('/')}/{study}"
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[tune] resuming study {study} from {storage}/{study}", flush=True)
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=True, param_space=space, storage_filesystem=fs
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=concurrent,
+                scheduler=scheduler,
+                metric="val_top1_err" if scheduler else None,
+                mode="min" if scheduler else None,
+            ),
+            run_config=tune.RunConfig(name=study, storage_path=storage_path, storage_filesystem=fs, verbose=0),
+        )
+    grid = tuner.fit()
+    errors = {}
+    for result in grid:
+        label = result.config["trial"]["label"]
+        if result.error:
+            errors[label] = result.error
+    return errors
