@@ -1,0 +1,39 @@
+"""Data pipelines: image sources -> tar shards + manifest (local or S3) -> per-rank batches.
+
+    python -m pipelines.shards write --source digits --out data/digits   # write
+    loader = make_loader("data/digits", "train", 128, rank=r, world_size=n,
+                         transform=make_transform("cifar", True, mean=m["mean"], std=m["std"]))
+
+Modules: ``sources`` (digits, CIFAR, image folders, synthetic), ``format`` (tar + manifest), ``writer``
+(``write_shards``), ``shards`` (the CLI), ``storage`` (local + S3 byte I/O), ``loader`` (``make_loader``),
+``transforms``.
+"""
+
+from pipelines.format import read_manifest
+from pipelines.loader import (
+    DataError,
+    ErrorReport,
+    ManifestMismatchError,
+    ShardLoader,
+    make_loader,
+    plan_epoch,
+)
+from pipelines.sources import parse_source
+from pipelines.storage import StorageError, make_s3_client
+from pipelines.transforms import make_transform
+from pipelines.writer import write_shards
+
+__all__ = [
+    "DataError",
+    "ErrorReport",
+    "ManifestMismatchError",
+    "ShardLoader",
+    "StorageError",
+    "make_loader",
+    "make_s3_client",
+    "make_transform",
+    "parse_source",
+    "plan_epoch",
+    "read_manifest",
+    "write_shards",
+]

@@ -1,0 +1,560 @@
+"""Read shards into ``(images, labels)`` batches for one DDP rank: ``make_loader``.
+
+Who reads what, per epoch (all derived from the manifest, so every rank and worker agrees without
+talking):
+
+* Slots: rank ``r``'s data-loader worker ``w`` is slot ``w * world_size + r`` of
+  ``world_size * max(num_workers, 1)`` (interleaved like ``DistributedSampler``).
+* ``split_by="shard"``: the split's shards (shuffled by ``seed`` + ``epoch`` in training) are dealt
+  to slots; each slot reads whole shards. ``"sample"``: every slot reads every shard and keeps the
+  samples whose (per-epoch permuted) index falls in its slot: exact balance at the cost of reading
+  each shard once per slot. ``"auto"`` picks shard mode when there are at least 4 shards per slot or
+  the shard count divides evenly among slots, else sample mode (the demo's few digit shards).
+* Training (``shuffle=True``): every rank yields exactly ``len(loader) = (N // world_size) //
+  batch_size`` full batches, N the split's sample count, so DDP never waits on a rank that ran
+  dry. A slot that owns fewer samples than its quota (uneven shards, skipped bad samples) starts
+  over on its own samples, reshuffled: those repeats are the only duplicates in an epoch. A slot
+  that owns more stops at its quota. Order comes from shard shuffle + a sample shuffle buffer,
+  both seeded by (seed, epoch, slot, pass).
+* Evaluation (``shuffle=False``): every sample is read exactly once across all ranks; a rank's
+  batches are full except its last; ``len()`` counts them (ranks may differ by one batch).
+
+Workers build full batches; each worker's last partial batch goes to the main process, which merges
+them, so batch boundaries do not waste samples per worker.
+
+Bad data is counted and skipped with a warning naming shard and key (``on_error="raise"``: fatal).
+A shard whose sha256 or sample count disagrees with the manifest is always an error naming its URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+
+from pipelines import storage
+from pipelines.format import HashingReader, iter_tar, read_manifest
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+SPLIT_MODES = ("auto", "shard", "sample")
+ON_ERROR = ("warn", "raise")
+
+
+class DataError(RuntimeError):
+    """A sample or shard that cannot be used (corrupt image, bad label, truncated tar)."""
+
+
+class ManifestMismatchError(RuntimeError):
+    """A shard that is missing or disagrees with the manifest (checksum, sample count)."""
+
+
+@dataclass
+class ErrorReport:
+    shard: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}: sample {self.key!r}: {self.reason}"
+
+
+@dataclass
+class _Batch:
+    images: Any  # Tensor (B, ...) or tuple of Tensors
+    labels: torch.Tensor
+    keys: list[str]
+    full: bool
+
+
+@dataclass
+class SlotPlan:
+    """What one (rank, worker) slot reads in one epoch."""
+
+    shards: list[dict]  # in read order
+    keep: np.ndarray | None  # sample mode: bool per global sample index; None = every sample of the shards
+    available: int  # samples it owns
+    quota: int | None  # training: samples to yield (with wraparound); eval: None = each owned sample once
+
+
+def _choose_mode(split_by: str, num_shards: int, slots: int) -> str:
+    if split_by != "auto":
+        return split_by
+    return "shard" if num_shards >= 4 * slots or (num_shards >= slots and num_shards % slots == 0) else "sample"
+
+
+def _quotas(available: list[int], total: int) -> list[int]:
+    """Split ``total`` samples among workers: at most what each owns while that suffices,
+    proportionally; the excess (wraparound) proportionally to what each owns."""
+    owned = sum(available)
+    if owned == 0:
+        return [0] * len(available)
+    if total >= owned:
+        extra = [(total - owned) * a // owned for a in available]
+        quotas = [a + e for a, e in zip(available, extra, strict=True)]
+        order = sorted(range(len(available)), key=lambda w: -available[w])
+        for i in range(total - sum(quotas)):
+            quotas[order[i % len(order)]] += 1
+        return quotas
+    quotas = [total * a // owned for a in available]
+    while sum(quotas) < total:
+        w = max(range(len(available)), key=lambda w: available[w] - quotas[w])
+        quotas[w] += 1
+    return quotas
+
+
+def plan_epoch(
+    shards: list[dict],
+    *,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    epoch: int,
+    seed: int,
+    train: bool,
+    batch_size: int,
+    split_by: str = "auto",
+) -> list[SlotPlan]:
+    """The plans of rank ``rank``'s workers for one epoch (pure function of the manifest + arguments)."""
+    workers = max(num_workers, 1)
+    slots = world_size * workers
+    total = sum(s["num_samples"] for s in shards)
+    offsets = np.cumsum([0] + [s["num_samples"] for s in shards])
+    mode = _choose_mode(split_by, len(shards), slots)
+    rng = np.random.default_rng([seed, epoch])
+    order = [int(i) for i in rng.permutation(len(shards))] if train else list(range(len(shards)))
+    my_slots = [w * world_size + rank for w in range(workers)]
+    plans: list[SlotPlan] = []
+    if mode == "shard":
+        for slot in my_slots:
+            mine = [dict(shards[i], offset=int(offsets[i])) for i in order[slot::slots]]
+            plans.append(SlotPlan(mine, None, sum(s["num_samples"] for s in mine), None))
+    else:
+        index = np.arange(total)
+        owner = (rng.permutation(total) if train else index) % slots
+        ordered = [dict(shards[i], offset=int(offsets[i])) for i in order]
+        for slot in my_slots:
+            keep = owner == slot
+            plans.append(SlotPlan(ordered, keep, int(keep.sum()), None))
+    if train:
+        per_rank = (total // world_size) // batch_size * batch_size
+        for plan, quota in zip(plans, _quotas([p.available for p in plans], per_rank), strict=True):
+            plan.quota = quota
+    return plans
+
+
+def _stack(items: list) -> Any:
+    if isinstance(items[0], tuple):
+        return tuple(torch.stack(list(col)) for col in zip(*items, strict=True))
+    return torch.stack(items)
+
+
+def _cat(parts: list) -> Any:
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(list(col)) for col in zip(*parts, strict=True))
+    return torch.cat(parts)
+
+
+def _slice(images: Any, start: int, stop: int) -> Any:
+    if isinstance(images, tuple):
+        return tuple(x[start:stop] for x in images)
+    return images[start:stop]
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+class ShardStream(IterableDataset):
+    """Runs in each DataLoader worker: read its slot's shards, shuffle, decode, transform, batch."""
+
+    def __init__(
+        self,
+        manifest: dict,
+        split: str,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        epoch: int,
+        seed: int,
+        train: bool,
+        transform: Callable | None,
+        shuffle_buffer: int,
+        cache_dir: str | None,
+        on_error: str,
+        split_by: str,
+        client_factory: Callable[[], Any],
+    ):
+        self.shards = manifest["splits"][split]["shards"]
+        self.num_classes = manifest["num_classes"]
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.epoch, self.seed, self.train = epoch, seed, train
+        self.transform = transform
+        self.shuffle_buffer = shuffle_buffer
+        self.cache_dir = cache_dir
+        self.on_error = on_error
+        self.split_by = split_by
+        self.client_factory = client_factory
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_client"] = None  # boto3 clients do not cross processes; each worker makes its own
+        return state
+
+    def plans(self) -> list[SlotPlan]:
+        return plan_epoch(
+            self.shards,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            epoch=self.epoch,
+            seed=self.seed,
+            train=self.train,
+            batch_size=self.batch_size,
+            split_by=self.split_by,
+        )
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _client_for(self, url: str) -> Any:
+        if not storage.is_s3(url):
+            return None
+        if self._client is None:
+            self._client = self.client_factory()
+        return self._client
+
+    def _open(self, shard: dict) -> tuple[Any, str | None]:
+        """A stream over the shard, from the cache when there; else (stream, cache temp path)."""
+        url = shard["url"]
+        if self.cache_dir and storage.is_s3(url):
+            cached = os.path.join(self.cache_dir, shard["sha256"] + ".tar")
+            if os.path.exists(cached):
+                return open(cached, "rb"), None
+            os.makedirs(self.cache_dir, exist_ok=True)
+            return storage.open_stream(url, self._client_for(url)), cached
+        return storage.open_stream(url, self._client_for(url)), None
+
+    def _read_shard(self, shard: dict, keep: np.ndarray | None) -> Iterator[tuple[str, str, dict] | ErrorReport]:
+        url = shard["url"]
+        stream, cache_path = self._open(shard)
+        tee = _Tee(stream, cache_path) if cache_path else stream
+        reader = HashingReader(tee)
+        count, key = 0, "<start of shard>"
+        try:
+            try:
+                for key, fields in iter_tar(reader):
+                    if count == shard["num_samples"]:  # more samples than the manifest says
+                        count += 1
+                        break
+                    if keep is None or keep[shard["offset"] + count]:
+                        yield url, key, fields
+                    count += 1
+            except (tarfile.TarError, EOFError) as err:
+                yield self._report(url, key, f"truncated or corrupt tar after this sample ({err}); rest of shard skipped")
+                return
+            reader.drain()
+            if reader.nbytes < shard["bytes"]:
+                yield self._report(url, key, f"truncated or corrupt tar: {reader.nbytes} of {shard['bytes']} bytes; rest of shard skipped")
+                return
+            sha = reader.sha.hexdigest()
+            if count != shard["num_samples"] or sha != shard["sha256"]:
+                raise ManifestMismatchError(
+                    f"{url}: shard disagrees with the manifest: {count} samples, sha256 {sha[:12]}... "
+                    f"(manifest: {shard['num_samples']} samples, sha256 {shard['sha256'][:12]}...); rewrite the dataset"
+                )
+            if cache_path:
+                tee.publish()
+        finally:
+            if cache_path:
+                tee.close()
+            else:
+                stream.close()
+
+    def _report(self, shard: str, key: str, reason: str) -> ErrorReport:
+        report = ErrorReport(shard, key, reason)
+        if self.on_error == "raise":
+            raise DataError(str(report))
+        return report
+
+    def _decode(self, url: str, key: str, fields: dict) -> tuple[Any, int] | ErrorReport:
+        ext = next((e for e in IMAGE_FIELDS if e in fields), None)
+        if ext is None:
+            return self._report(url, key, f"no image field (has {sorted(fields)})")
+        try:
+            label = int(fields["cls"].decode().strip())
+        except (KeyError, ValueError, UnicodeDecodeError):
+            return self._report(url, key, f"missing or unreadable label {fields.get('cls')!r}")
+        if not 0 <= label < self.num_classes:
+            return self._report(url, key, f"label {label} outside [0, {self.num_classes})")
+        try:
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency);
+                # they remain the fastest JPEG/PNG path here (libjpeg-turbo, no PIL round trip)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = decode_image(torch.frombuffer(bytearray(fields[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError) as err:
+            return self._report(url, key, f"corrupt {ext} image ({str(err).splitlines()[0][:120]})")
+        return (self.transform(image) if self.transform is not None else image), label
+
+    def _samples(self, plan: SlotPlan, slot: int, rounds: int | None) -> Iterator[tuple[str, str, dict] | ErrorReport]:
+        """Raw samples of the slot, shuffled in training; ``rounds`` passes (None: until stopped)."""
+        round_ = 0
+        while rounds is None or round_ < rounds:
+            rng = np.random.default_rng([self.seed, self.epoch, slot, round_])
+            shards = plan.shards
+            if self.train and round_ > 0:
+                shards = [shards[i] for i in rng.permutation(len(shards))]
+            buffer: list = []
+            good = 0
+            for shard in shards:
+                for item in self._read_shard(shard, plan.keep):
+                    if isinstance(item, ErrorReport) or not self.train or self.shuffle_buffer <= 0:
+                        good += not isinstance(item, ErrorReport)
+                        yield item
+                        continue
+                    good += 1
+                    if len(buffer) < self.shuffle_buffer:
+                        buffer.append(item)
+                        continue
+                    i = int(rng.integers(len(buffer)))
+                    buffer[i], item = item, buffer[i]
+                    yield item
+            rng.shuffle(buffer)
+            yield from buffer
+            if self.train and good == 0:
+                raise DataError(f"slot {slot}: no readable sample in {len(shards)} shard(s) (first: {shards[0]['url'] if shards else '-'})")
+            round_ += 1
+
+    def __iter__(self) -> Iterator[_Batch | ErrorReport]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        plan = self.plans()[worker]
+        slot = worker * self.world_size + self.rank
+        if not plan.shards or (self.train and not plan.quota) or plan.available == 0:
+            return
+        quota = plan.quota if self.train else None
+        images: list = []
+        labels: list[int] = []
+        keys: list[str] = []
+        produced = 0
+        for item in self._samples(plan, slot, rounds=None if self.train else 1):
+            if isinstance(item, ErrorReport):
+                yield item
+                continue
+            url, key, fields = item
+            decoded = self._decode(url, key, fields)
+            if isinstance(decoded, ErrorReport):
+                yield decoded
+                continue
+            images.append(decoded[0])
+            labels.append(decoded[1])
+            keys.append(key)
+            produced += 1
+            if len(images) == self.batch_size:
+                yield _Batch(_stack(images), torch.tensor(labels), keys, True)
+                images, labels, keys = [], [], []
+            if quota is not None and produced == quota:
+                break
+        if images:
+            yield _Batch(_stack(images), torch.tensor(labels), keys, False)
+
+
+class _Tee:
+    """Copy a stream into a cache temp file while it is read; ``publish`` renames it into place."""
+
+    def __init__(self, stream: Any, final_path: str):
+        self.stream = stream
+        self.final_path = final_path
+        self.tmp_path = f"{final_path}.{os.getpid()}.part"
+        self.file = open(self.tmp_path, "wb")
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.file.write(data)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+        if not self.file.closed:
+            self.file.close()
+        if os.path.exists(self.tmp_path) and not os.path.exists(self.final_path):
+            os.remove(self.tmp_path)
+
+    def publish(self) -> None:
+        self.file.close()
+        os.replace(self.tmp_path, self.final_path)
+
+
+class ShardLoader:
+    """Iterable of ``(images, labels)`` (or ``(images, labels, keys)``) batches for one rank.
+
+    ``len()`` is this rank's batch count per epoch. ``set_epoch(e)`` picks the epoch's order.
+    ``errors`` lists the skipped samples of the last iteration (``ErrorReport``s).
+    """
+
+    def __init__(self, dataset: ShardStream, *, num_workers: int, with_keys: bool, pin_memory: bool, prefetch_factor: int, manifest: dict, url: str):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.with_keys = with_keys
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.manifest = manifest
+        self.url = url
+        self.errors: list[ErrorReport] = []
+        plans = dataset.plans()
+        self.num_samples = sum(p.quota if dataset.train else p.available for p in plans)
+        bs = dataset.batch_size
+        self._len = self.num_samples // bs if dataset.train else -(-self.num_samples // bs)
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _out(self, images: Any, labels: torch.Tensor, keys: list[str]) -> tuple:
+        return (images, labels, keys) if self.with_keys else (images, labels)
+
+    def __iter__(self) -> Iterator[tuple]:
+        ds = self.dataset
+        bs = ds.batch_size
+        generator = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{ds.seed}/{ds.epoch}/{ds.rank}".encode()).digest()[:7], "little"))
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            generator=generator,  # seeds the workers' torch RNG: augmentation repeats with (seed, epoch, rank)
+        )
+        self.errors = []
+        parts: list[_Batch] = []
+        pending = 0
+        for item in loader:
+            if isinstance(item, ErrorReport):
+                self.errors.append(item)
+                warnings.warn(f"skipped bad sample: {item}", RuntimeWarning, stacklevel=2)
+                continue
+            if item.full:
+                yield self._out(item.images, item.labels, item.keys)
+                continue
+            parts.append(item)
+            pending += len(item.keys)
+            while pending >= bs:
+                yield from self._merge(parts, bs)
+                pending = sum(len(p.keys) for p in parts)
+        if parts and not ds.train:
+            yield from self._merge(parts, None)
+
+    def _merge(self, parts: list[_Batch], bs: int | None) -> Iterator[tuple]:
+        """Yield one batch of ``bs`` (all, if None) from the front of ``parts``; keep the rest there."""
+        images = _cat([p.images for p in parts])
+        labels = torch.cat([p.labels for p in parts])
+        keys = [k for p in parts for k in p.keys]
+        n = len(keys) if bs is None else bs
+        parts.clear()
+        if n < len(keys):
+            parts.append(_Batch(_slice(images, n, len(keys)), labels[n:], keys[n:], False))
+        yield self._out(_slice(images, 0, n), labels[:n], keys[:n])
+
+
+def _check_shards(shards: list[dict], client: Any | None) -> None:
+    """Every shard named by the manifest exists (one stat/HEAD each, in parallel)."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        sizes = list(pool.map(lambda s: storage.size(s["url"], client), shards))
+    missing = [s["url"] for s, n in zip(shards, sizes, strict=True) if n is None]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ManifestMismatchError(f"{missing[0]}{more}: shard listed in the manifest does not exist")
+
+
+def make_loader(
+    url: str,
+    split: str,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    epoch: int = 0,
+    seed: int = 0,
+    transform: Callable | None = None,
+    shuffle: bool | None = None,
+    shuffle_buffer: int = 1000,
+    cache_dir: str | None = None,
+    on_error: str = "warn",
+    with_keys: bool = False,
+    split_by: str = "auto",
+    check_shards: bool = True,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+    client_factory: Callable[[], Any] | None = None,
+) -> ShardLoader:
+    """A loader over ``split`` of the shards at ``url`` (a folder or ``s3://bucket/prefix``) for one rank.
+
+    Yields ``(images, labels)`` — or ``(images, labels, keys)`` with ``with_keys`` — where images are
+    ``transform``'s output stacked along dim 0 (uint8 ``(B, C, H, W)`` when ``transform`` is None:
+    the stored pixels, all images must share a size). ``shuffle`` defaults to ``split == "train"`` and
+    selects training semantics (equal batch counts per rank, drop-last, wraparound) or evaluation
+    semantics (every sample once). See the module docstring for how work is divided.
+    ``cache_dir`` keeps verified copies of S3 shards, named by sha256. ``client_factory`` makes the
+    boto3 client in each worker (default ``storage.make_s3_client``).
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error={on_error!r}; valid: {list(ON_ERROR)}")
+    if split_by not in SPLIT_MODES:
+        raise ValueError(f"split_by={split_by!r}; valid: {list(SPLIT_MODES)}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    client_factory = client_factory or storage.make_s3_client
+    client = client_factory() if storage.is_s3(url) else None
+    manifest = read_manifest(url, client)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{url}: no split {split!r}; valid: {list(manifest['splits'])}")
+    shards = manifest["splits"][split]["shards"]
+    if check_shards:
+        _check_shards(shards, client)
+    train = split == "train" if shuffle is None else shuffle
+    total = manifest["splits"][split]["num_samples"]
+    if train and total // world_size < batch_size:
+        raise ValueError(f"{url}: split {split!r} has {total} samples, fewer than batch_size {batch_size} per rank x {world_size} ranks")
+    if _choose_mode(split_by, len(shards), world_size * max(num_workers, 1)) == "shard" and train and len(shards) < world_size:
+        raise ValueError(f"{url}: {len(shards)} shard(s) cannot feed {world_size} ranks by shard; use split_by='sample'")
+    dataset = ShardStream(
+        manifest,
+        split,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        epoch=epoch,
+        seed=seed,
+        train=train,
+        transform=transform,
+        shuffle_buffer=shuffle_buffer if train else 0,
+        cache_dir=cache_dir,
+        on_error=on_error,
+        split_by=split_by,
+        client_factory=client_factory,
+    )
+    return ShardLoader(dataset, num_workers=num_workers, with_keys=with_keys, pin_memory=pin_memory, prefetch_factor=prefetch_factor, manifest=manifest, url=url)
