@@ -51,6 +51,13 @@ def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: st
         )
 
 
+def storage_url(url: str) -> str:
+    """`url` with a local folder made absolute (Ray workers and Tune trials run in other directories)."""
+    if urlparse(url).scheme in ("", "file"):
+        return storage_for_ray(url)[0]
+    return url
+
+
 def storage_for_ray(url: str):
     """(storage_path, storage_filesystem) for Ray's RunConfig: local folders become absolute paths;
     s3:// URLs get an explicit S3 filesystem that honours AWS_ENDPOINT_URL (MinIO, moto, ...)."""

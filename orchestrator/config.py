@@ -217,6 +217,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     data.pop("command", None)  # configs may record their command; it is documentation
     cfg = from_dict(TrainConfig, apply_overrides(data, list(overrides)))
     validate(cfg)
+    # Workers and Tune trials run in other working directories: pin local data paths now.
+    if "://" not in cfg.data.url:
+        cfg.data.url = str(Path(cfg.data.url).expanduser().resolve())
     return cfg
 
 

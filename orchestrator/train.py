@@ -6,6 +6,7 @@ driver that builds the TorchTrainer. The worker knows nothing of Tune; Tune wrap
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -27,6 +28,7 @@ import pipelines
 
 from . import tracking
 from .config import TrainConfig, derived, flatten, from_dict, run_name, to_dict
+from .scoring import correct_topk, view_averaged_probs
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -46,13 +48,6 @@ def lr_at(cfg: TrainConfig, base_lr: float, it: int, steps_per_epoch: int, plate
         return base_lr * plateau_scale
     total = max(1, s.epochs * steps_per_epoch)  # cosine
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
-
-
-def correct_topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices
-    hits = top == labels[:, None]
-    return [int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -79,21 +74,6 @@ def evaluate(model: torch.nn.Module, loader, device) -> dict:
     loss_sum, c1, c5, n = all_reduce_sum([loss_sum, c1, c5, n], device)
     n = max(n, 1.0)
     return {"loss": loss_sum / n, "top1_err": 100 * (1 - c1 / n), "top5_err": 100 * (1 - c5 / n), "n": int(n)}
-
-
-def view_averaged_probs(model: torch.nn.Module, images, device) -> torch.Tensor:
-    """Softmax scores averaged over the test views of each image (single view, 10-crop or scales)."""
-    views = list(images) if isinstance(images, tuple | list) else [images]
-    total = None
-    for v in views:
-        v = v.to(device, non_blocking=True)
-        if v.dim() == 5:  # B x V x C x H x W
-            b, nv = v.shape[:2]
-            p = F.softmax(model(v.flatten(0, 1)).float(), dim=1).view(b, nv, -1).mean(1)
-        else:
-            p = F.softmax(model(v).float(), dim=1)
-        total = p if total is None else total + p
-    return total / len(views)
 
 
 def rng_state() -> dict:
@@ -133,7 +113,19 @@ def make_transforms(cfg: TrainConfig, manifest: dict, protocol: str = "center"):
 # The loop each Ray Train worker runs.
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report at INFO under a logger named by file path, out of LoggingConfig's
+    reach; our one line per epoch is the progress."""
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
+    _quiet_ray_train_reports()
     cfg = from_dict(TrainConfig, loop_config["train"])
     d = derived(cfg)
     ctx = ray.train.get_context()
@@ -370,7 +362,7 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
 
         callbacks.append(TuneReportCallback())
 
-    storage_path, fs = storage_for_ray(storage)
+    storage_path, fs = storage_for_ray(storage)  # local folders become absolute paths
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id},

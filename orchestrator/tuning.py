@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import ray
 from ray import tune
 
-from .cluster import check_fits, ensure_ray, storage_for_ray
+from .cluster import check_fits, ensure_ray, storage_for_ray, storage_url
 from .config import TrainConfig, from_dict, run_name, to_dict
+from .tracking import tracking_uri
 from .train import fit
 
 DRIVER_CPU = 0.01  # the trial's driver only waits on its TorchTrainer; 0 is refused by Tune
@@ -31,14 +32,17 @@ def max_concurrent(trials: list[Trial]) -> int:
     """How many trials fit side by side on the cluster, from each trial's scaling config."""
     have = ray.cluster_resources()
     per = max(t.config.scaling.num_workers * t.config.scaling.cpus_per_worker for t in trials)
-    n = math.floor((have.get("CPU", 0.0) - DRIVER_CPU * len(trials)) / per + 1e-9)
+    n = math.floor(have.get("CPU", 0.0) / (per + DRIVER_CPU) + 1e-9)
     if any(t.config.scaling.use_gpu for t in trials):
         gpus = max(t.config.scaling.num_workers for t in trials if t.config.scaling.use_gpu)
         n = min(n, math.floor(have.get("GPU", 0.0) / gpus))
     return max(1, min(n, len(trials)))
 
 
-def _trial_driver(params: dict, storage: str, experiment: str, parent_run_id: str | None) -> None:
+def _trial_driver(params: dict, storage: str, experiment: str, parent_run_id: str | None, tracking_uri: str) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)  # Tune runs trials in their own working directories
     cfg = from_dict(TrainConfig, params["trial"]["train"])
     result = fit(cfg, storage, parent_run_id=parent_run_id, experiment=experiment)
     tune.report({**{k: v for k, v in result.metrics.items() if isinstance(v, int | float)}, "finished": 1})
@@ -72,7 +76,10 @@ def run_trials(
 
     storage_path, fs = storage_for_ray(storage)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial_driver, storage=storage, experiment=experiment, parent_run_id=parent_run_id),
+        tune.with_parameters(
+            _trial_driver, storage=storage_url(storage), experiment=experiment, parent_run_id=parent_run_id,
+            tracking_uri=tracking_uri(),
+        ),
         {"CPU": DRIVER_CPU},
     )
     space = {"trial": tune.grid_search([{"label": t.label, "train": to_dict(t.config)} for t in trials])}

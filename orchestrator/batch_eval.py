@@ -1,0 +1,200 @@
+"""Batch evaluation on the Ray cluster: score a whole split with an ensemble, in parallel over shards.
+
+Each Ray task reads its slice of the split (the loader's evaluation mode: every sample exactly once
+across tasks), applies the test protocol (centre crop, 10-crop, multi-scale), and returns every
+member's softmax scores per sample key. The driver joins them, computes the errors, writes the
+predictions as Parquet and logs the metrics to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+import pipelines
+
+from .ensemble_model import build_member, member_probs
+from .scoring import error_metrics
+
+
+class EvaluationError(ValueError):
+    """A model, data set or member that cannot be evaluated as asked; the message says why."""
+
+
+@dataclass
+class Scores:
+    keys: list[str]
+    labels: np.ndarray  # N
+    member_probs: np.ndarray  # M x N x K
+
+    @property
+    def probs(self) -> np.ndarray:
+        """The ensemble: the average of the members' softmax scores (N x K)."""
+        return self.member_probs.mean(0)
+
+
+def transform_spec(meta: dict, protocol: str | None = None) -> dict:
+    """What the test transform needs, from an ensemble's metadata."""
+    return {
+        "kind": meta["data_kind"],
+        "size": meta["test_size"],
+        "resize": meta.get("resize") or None,
+        "protocol": protocol or meta["protocol"],
+        "mean": meta["mean"],
+        "std": meta["std"],
+    }
+
+
+def _make_test_transform(spec: dict):
+    kwargs = {"size": spec["size"], "protocol": spec["protocol"], "mean": spec["mean"], "std": spec["std"]}
+    if spec["kind"] == "imagenet" and spec.get("resize"):
+        kwargs["resize"] = spec["resize"]
+    return pipelines.make_transform(spec["kind"], False, **kwargs)
+
+
+def load_registered(model_uri: str, tracking_uri: str | None = None):
+    """(metadata, [member nets]) of a registered ensemble, with a clear error if the URI is wrong."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a bad URI
+        raise EvaluationError(f"cannot load model {model_uri!r}: {str(e).splitlines()[0]}") from None
+    python_model = model.unwrap_python_model()
+    if not hasattr(python_model, "members"):
+        raise EvaluationError(f"{model_uri!r} is not a ResNet ensemble registered by this project")
+    return python_model.meta, python_model.members
+
+
+@ray.remote(num_cpus=1)
+def _score_slice(source: dict, data_url: str, split: str, rank: int, world: int, spec: dict, batch_size: int):
+    torch.set_num_threads(1)
+    if "model_uri" in source:
+        _, members = load_registered(source["model_uri"], source.get("tracking_uri"))
+    else:
+        members = [build_member(s, sd) for s, sd in source["members"]]
+    loader = pipelines.make_loader(
+        data_url, split, batch_size, rank=rank, world_size=world, num_workers=0, shuffle=False,
+        transform=_make_test_transform(spec), with_keys=True,
+    )
+    keys, labels, probs = [], [], []
+    for images, y, k in loader:
+        probs.append(member_probs(members, images).numpy())
+        labels.append(y.numpy())
+        keys.extend(k)
+    if not keys:
+        return [], np.zeros(0, np.int64), None
+    return keys, np.concatenate(labels), np.concatenate(probs, axis=1)
+
+
+def score_split(source: dict, data_url: str, split: str, spec: dict, *, batch_size: int = 128, tasks: int = 0) -> Scores:
+    """Score `split` of the shards at `data_url` with the members in `source`, in parallel Ray tasks.
+
+    `source` is {"model_uri": ..., "tracking_uri": ...} (a registered ensemble) or
+    {"members": [(spec, state_dict), ...]} (weights in hand).
+    """
+    world = tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ref = ray.put(source)
+    futures = [_score_slice.remote(ref, data_url, split, r, world, spec, batch_size) for r in range(world)]
+    keys, labels, probs = [], [], []
+    for k, y, p in ray.get(futures):
+        if k:
+            keys.extend(k)
+            labels.append(y)
+            probs.append(p)
+    if not keys:
+        raise EvaluationError(f"split {split!r} of {data_url} has no samples")
+    order = np.argsort(np.asarray(keys), kind="stable")
+    if len(set(keys)) != len(keys):
+        raise EvaluationError(f"split {split!r} of {data_url}: some samples were read twice")
+    return Scores(
+        [keys[i] for i in order], np.concatenate(labels)[order], np.concatenate(probs, axis=1)[:, order]
+    )
+
+
+def check_classes(meta: dict, manifest: dict, data_url: str) -> None:
+    if list(meta["classes"]) != list(manifest["classes"]):
+        ours, theirs = meta["classes"], manifest["classes"]
+        raise EvaluationError(
+            f"the data set at {data_url} has {len(theirs)} classes {theirs[:10]}{'...' if len(theirs) > 10 else ''} "
+            f"but the model was trained on {len(ours)} classes {ours[:10]}{'...' if len(ours) > 10 else ''}"
+        )
+
+
+def write_predictions(scores: Scores, url: str) -> str:
+    """key, label, top-5 classes and probabilities per sample, as one Parquet file at `url`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .cluster import storage_for_ray
+
+    probs = scores.probs.astype(np.float32)
+    k = min(5, probs.shape[1])
+    top5 = np.argsort(-probs, axis=1)[:, :k].astype(np.int32)
+    table = pa.table(
+        {
+            "key": pa.array(scores.keys, pa.string()),
+            "label": pa.array(scores.labels.astype(np.int32)),
+            "prediction": pa.array(top5[:, 0]),
+            "top5": pa.array(list(top5), pa.list_(pa.int32())),
+            "probabilities": pa.array(list(probs), pa.list_(pa.float32())),
+        }
+    )
+    path, fs = storage_for_ray(url)
+    if fs is None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    else:
+        fs.create_dir(os.path.dirname(path), recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+    return url if fs is not None else path
+
+
+def evaluate_registered(
+    model_uri: str, data_url: str, split: str, storage: str, *, protocol: str | None = None,
+    experiment: str = "batch-eval", parent_run_id: str | None = None, batch_size: int = 128,
+) -> dict:
+    """The `evaluate` command: load, check, score on the cluster, write predictions, log to MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from . import tracking
+    from .cluster import ensure_ray
+
+    ensure_ray()
+    uri = tracking.tracking_uri()
+    meta, _ = load_registered(model_uri, uri)
+    manifest = pipelines.read_manifest(data_url)
+    check_classes(meta, manifest, data_url)
+    if split not in manifest.get("splits", {split: None}):
+        raise EvaluationError(f"{data_url} has no split {split!r}; splits: {', '.join(manifest['splits'])}")
+    spec = transform_spec(meta, protocol)
+    print(f"[evaluate] {model_uri} on {data_url} [{split}], protocol {spec['protocol']}", flush=True)
+    scores = score_split({"model_uri": model_uri, "tracking_uri": uri}, data_url, split, spec, batch_size=batch_size)
+    metrics = error_metrics(scores.probs, scores.labels)
+    safe = model_uri.replace("models:/", "").replace("@", "-").replace("/", "-").replace(":", "-")
+    out = write_predictions(scores, f"{storage.rstrip('/')}/predictions/{safe}-{split}.parquet")
+
+    client = MlflowClient(uri)
+    tags = {"model_uri": model_uri, "predictions": out, "mlflow.runName": f"evaluate {safe} {split}"}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(tracking.experiment_id(client, experiment), tags=tags)
+    params = {"model_uri": model_uri, "data": data_url, "split": split, "protocol": spec["protocol"], "n": metrics["n"]}
+    for k, v in params.items():
+        client.log_param(run.info.run_id, k, v)
+    for k in ("top1_err", "top5_err", "log_loss"):
+        client.log_metric(run.info.run_id, f"{split}_{k}", metrics[k])
+    client.log_text(run.info.run_id, json.dumps({"predictions": out, **metrics}, indent=2), "evaluation.json")
+    client.set_terminated(run.info.run_id)
+    print(
+        f"[evaluate] {metrics['n']} samples: top-1 err {metrics['top1_err']:.2f}%  top-5 err {metrics['top5_err']:.2f}%  "
+        f"log loss {metrics['log_loss']:.4f}\n[evaluate] predictions: {out}",
+        flush=True,
+    )
+    return {**metrics, "predictions": out, "run_id": run.info.run_id}

@@ -1,0 +1,38 @@
+"""Batch-evaluate a registered ensemble on a whole data split, in parallel on the Ray cluster: writes
+predictions (key, label, top-5 classes, probabilities) as Parquet under the storage URL and logs the
+top-1/top-5 error and log loss to MLflow.
+
+examples:
+  python -m orchestrator.run evaluate --model-uri models:/resnet-ensemble@champion --data data/digits --split test
+  python -m orchestrator.run evaluate --model-uri models:/resnet-ensemble/3 --data s3://bucket/imagenet \\
+      --split val --protocol ten_crop --storage s3://bucket/runs
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model-uri", required=True, help="e.g. models:/resnet-ensemble@champion or models:/NAME/VERSION")
+    p.add_argument("--data", required=True, help="shards folder or s3://bucket/prefix (with manifest.json)")
+    p.add_argument("--split", default="test", help="split of the manifest to score (default: test)")
+    p.add_argument("--protocol", default=None, choices=["center", "ten_crop", "multi_scale"],
+                   help="test protocol (default: the one the model was registered with)")
+    p.add_argument("--storage", default="./runs", help="where predictions/ is written (folder or s3://...)")
+    p.add_argument("--experiment", default="batch-eval", help="MLflow experiment for the evaluation run")
+    p.add_argument("--batch-size", type=int, default=128)
+
+
+def main(args) -> int:
+    from pipelines import StorageError
+
+    from ..batch_eval import EvaluationError, evaluate_registered
+
+    try:
+        evaluate_registered(args.model_uri, args.data, args.split, args.storage, protocol=args.protocol,
+                            experiment=args.experiment, batch_size=args.batch_size)
+    except (EvaluationError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

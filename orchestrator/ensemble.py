@@ -1,0 +1,356 @@
+"""The main job: a ResNet ensemble end to end (v1, Table 5: six models of different depth).
+
+1. members: trained as concurrent Ray Tune trials, or taken from earlier MLflow runs or weight files;
+2. evaluation: every member and the ensemble (softmax average) on the validation split, with the
+   configured test protocol, on the cluster; a table, and MLflow runs (parent + nested members);
+3. registry: one pyfunc model with the members' weights and this project's code; the alias
+   `champion` moves to it only if it beats the current champion on the same validation split;
+4. batch evaluation of the registered model on the test split (the `evaluate` command's path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import pipelines
+
+from . import tracking
+from .batch_eval import (
+    EvaluationError,
+    Scores,
+    check_classes,
+    evaluate_registered,
+    score_split,
+    transform_spec,
+)
+from .config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_train_config,
+    load_yaml,
+    run_name,
+    to_dict,
+)
+from .ensemble_model import ResNetEnsemble, build_member
+from .scoring import error_metrics
+
+DEFAULT_CONFIG = "ensemble_digits.yaml"
+PROTOCOLS = ("center", "ten_crop", "multi_scale")
+
+
+@dataclass
+class MemberSpec:
+    label: str = ""
+    model: str = ""  # registry name; for `mlflow_run` members it is read from the run
+    overrides: dict = field(default_factory=dict)  # models.create_model overrides
+    train: list = field(default_factory=list)  # dotted training overrides for this member (e.g. seed=1)
+    checkpoint: str = ""  # bring your own weights: our checkpoint.pt or a (torchvision-layout) state_dict
+    mlflow_run: str = ""  # a member trained earlier: its MLflow run id
+
+
+@dataclass
+class EvaluationConfig:
+    split: str = "val"
+    protocol: str = "center"  # center | ten_crop | multi_scale (the data kind must support it)
+    batch_size: int = 128
+
+
+@dataclass
+class RegistryConfig:
+    alias: str = "champion"
+
+
+@dataclass
+class BatchEvalConfig:
+    split: str = "test"
+
+
+@dataclass
+class EnsembleConfig:
+    name: str = "resnet-ensemble"  # registered model name
+    experiment: str = "ensemble"
+    source: str = ""  # pipelines source to write shards from when the data has none yet ("" = never)
+    base: str = "digits_resnet20.yaml"  # the training recipe every member starts from
+    base_overrides: list = field(default_factory=list)  # dotted overrides for every member
+    members: list = field(default_factory=list)  # MemberSpec mappings
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    batch_eval: BatchEvalConfig = field(default_factory=BatchEvalConfig)
+
+
+def load_ensemble_config(path: str | None, overrides: list[str] = ()) -> tuple[EnsembleConfig, list[MemberSpec]]:
+    """The ensemble config; `train.<key>=v` overrides go to every member's recipe, others to the ensemble."""
+    data = load_yaml(path or DEFAULT_CONFIG)
+    member_overrides = [o[len("train."):] for o in overrides if o.startswith("train.")]
+    data = apply_overrides(data, [o for o in overrides if not o.startswith("train.")])
+    cfg = from_dict(EnsembleConfig, data)
+    cfg.base_overrides = [*cfg.base_overrides, *member_overrides]
+    if cfg.evaluation.protocol not in PROTOCOLS:
+        raise ConfigError(f"evaluation.protocol: {cfg.evaluation.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    members = [from_dict(MemberSpec, m, f"members[{i}].") for i, m in enumerate(cfg.members)]
+    if not members:
+        raise ConfigError("members: an ensemble needs at least one member")
+    for i, m in enumerate(members):
+        m.label = m.label or m.model or f"member{i}"
+        sources = [bool(m.model and not (m.checkpoint or m.mlflow_run)), bool(m.checkpoint), bool(m.mlflow_run)]
+        if sum(sources) != 1 or (m.checkpoint and not m.model):
+            raise ConfigError(
+                f"members[{i}] ({m.label}): give `model` (to train it), `model` + `checkpoint` (weights you have), "
+                f"or `mlflow_run` (a run trained earlier)"
+            )
+    labels = [m.label for m in members]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"members: labels must be unique, got {labels}")
+    return cfg, members
+
+
+def member_train_config(cfg: EnsembleConfig, m: MemberSpec) -> TrainConfig:
+    overrides = [*cfg.base_overrides, f"model.name={m.model}", f"model.overrides={json.dumps(m.overrides)}", *m.train]
+    overrides.append(f"tracking.experiment={cfg.experiment}")
+    try:
+        return load_train_config(cfg.base, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"member {m.label!r}: {e}") from None
+
+
+@dataclass
+class Member:
+    label: str
+    spec: dict  # {"label", "model", "overrides", "num_classes"}: enough to rebuild the net
+    state_dict: dict
+    run_id: str | None = None
+
+
+def _state_from_file(path: str) -> dict:
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise EvaluationError(f"member checkpoint {path!r} does not exist") from None
+    return state["model"] if isinstance(state, dict) and "model" in state and "optimizer" in state else state
+
+
+def _download_checkpoint(client, run_id: str) -> dict:
+    import mlflow
+
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="checkpoint/checkpoint.pt", dst_path=tempfile.mkdtemp(),
+            tracking_uri=client.tracking_uri,
+        )
+    except Exception as e:  # noqa: BLE001
+        raise EvaluationError(f"MLflow run {run_id!r} has no checkpoint/checkpoint.pt: {str(e).splitlines()[0]}") from None
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def gather_members(cfg: EnsembleConfig, members: list[MemberSpec], classes: list, storage: str, parent_run_id: str, client) -> list[Member]:
+    """Load and check the members given as weights first (a bad file fails before any training), then
+    train the others as concurrent Tune trials and fetch their final checkpoints from MLflow."""
+    from .tuning import Trial, run_trials
+
+    got: dict[str, Member] = {}
+    for m in members:
+        if m.mlflow_run:
+            state = _download_checkpoint(client, m.mlflow_run)
+            tcfg = from_dict(TrainConfig, state["config"])
+            if list(state["classes"]) != list(classes):
+                raise EvaluationError(
+                    f"member {m.label!r} (MLflow run {m.mlflow_run}) was trained on classes {state['classes']}, "
+                    f"the data set has {classes}"
+                )
+            spec = {"label": m.label, "model": tcfg.model.name, "overrides": tcfg.model.overrides, "num_classes": len(classes)}
+            got[m.label] = Member(m.label, spec, state["model"], m.mlflow_run)
+        elif m.checkpoint:
+            spec = {"label": m.label, "model": m.model, "overrides": m.overrides, "num_classes": len(classes)}
+            got[m.label] = Member(m.label, spec, _state_from_file(m.checkpoint))
+        else:
+            continue
+        try:
+            build_member(got[m.label].spec, got[m.label].state_dict)  # fail here, naming the member
+        except ValueError as e:
+            raise EvaluationError(f"{e} (checkpoint {m.checkpoint or 'of run ' + m.mlflow_run})") from None
+
+    to_train = [Trial(m.label, member_train_config(cfg, m)) for m in members if m.label not in got]
+    if to_train:
+        digest = hashlib.sha256(json.dumps([to_dict(t.config) for t in to_train], sort_keys=True).encode()).hexdigest()
+        errors = run_trials(
+            to_train, study=f"{cfg.name}-members-{digest[:8]}", storage=storage, experiment=cfg.experiment,
+            parent_run_id=parent_run_id,
+        )
+        if errors:
+            raise RuntimeError(f"members failed to train: {', '.join(f'{k}: {v}' for k, v in errors.items())}")
+    exp_id = tracking.experiment_id(client, cfg.experiment)
+    for t in to_train:
+        runs = client.search_runs([exp_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name(t.config)}'")
+        if not runs:
+            raise RuntimeError(f"member {t.label!r}: no MLflow run {run_name(t.config)!r} after training")
+        state = _download_checkpoint(client, runs[0].info.run_id)
+        spec = {"label": t.label, "model": t.config.model.name, "overrides": t.config.model.overrides,
+                "num_classes": len(classes)}
+        got[t.label] = Member(t.label, spec, state["model"], runs[0].info.run_id)
+    return [got[m.label] for m in members]
+
+
+def ensemble_metadata(cfg: EnsembleConfig, members: list[Member], manifest: dict, data_url: str) -> dict:
+    base = member_train_config(cfg, MemberSpec(label="base", model=members[0].spec["model"]))
+    return {
+        "members": [m.spec for m in members],
+        "classes": list(manifest["classes"]),
+        "mean": manifest["mean"],
+        "std": manifest["std"],
+        "data_kind": base.data.kind,
+        "test_size": base.data.test_size or base.data.size,
+        "resize": base.data.resize,
+        "protocol": cfg.evaluation.protocol,
+        "trained_on": data_url,
+        "member_runs": {m.label: m.run_id for m in members if m.run_id},
+    }
+
+
+def results_table(members: list[Member], scores: Scores) -> tuple[str, dict]:
+    rows = {m.label: error_metrics(scores.member_probs[i], scores.labels) for i, m in enumerate(members)}
+    rows["ensemble"] = error_metrics(scores.probs, scores.labels)
+    lines = ["| model | top-1 err % | top-5 err % | log loss |", "|---|---:|---:|---:|"]
+    for label, r in rows.items():
+        name = f"**{label}**" if label == "ensemble" else label
+        lines.append(f"| {name} | {r['top1_err']:.2f} | {r['top5_err']:.2f} | {r['log_loss']:.4f} |")
+    return "\n".join(lines), rows
+
+
+def log_and_register(cfg: EnsembleConfig, members: list[Member], meta: dict, parent_run_id: str, client) -> tuple[str, str]:
+    """Log the ensemble as one pyfunc model in the parent run and register it; returns (model_uri, version)."""
+    import mlflow
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    tmp = Path(tempfile.mkdtemp(prefix="ensemble-"))
+    artifacts = {"ensemble": str(tmp / "ensemble.json")}
+    (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2))
+    for i, m in enumerate(members):
+        torch.save(m.state_dict, tmp / f"member_{i}.pt")
+        artifacts[f"member_{i}"] = str(tmp / f"member_{i}.pt")
+    in_ch = int(members[0].state_dict["conv1.weight"].shape[1])
+    k = len(meta["classes"])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, in_ch, -1, -1))]),  # any size: fully convolutional
+        outputs=Schema([
+            TensorSpec(np.dtype(np.float32), (-1, k), "probabilities"),
+            TensorSpec(np.dtype(np.int64), (-1, min(5, k)), "top5"),
+        ]),
+    )
+    with mlflow.start_run(run_id=parent_run_id):
+        info = mlflow.pyfunc.log_model(
+            name="ensemble",
+            python_model=ResNetEnsemble(),
+            artifacts=artifacts,
+            code_paths=[str(tracking.PROJECT_ROOT / "models"), str(tracking.PROJECT_ROOT / "orchestrator")],
+            signature=signature,
+            metadata={k2: meta[k2] for k2 in ("classes", "protocol", "data_kind", "test_size", "mean", "std")},
+            registered_model_name=cfg.name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+        )
+    version = str(info.registered_model_version)
+    return f"models:/{cfg.name}/{version}", version
+
+
+def decide_champion(
+    cfg: EnsembleConfig, version: str, new: dict, labels, data_url: str, split: str, spec: dict, client
+) -> str:
+    """Move the alias to `version` only if it beats the current champion on the same split."""
+    alias, name = cfg.registry.alias, cfg.name
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 - no such alias yet
+        current = None
+    tags = {"val_split": f"{data_url} [{split}]", "val_top1_err": f"{new['top1_err']:.4f}", "val_log_loss": f"{new['log_loss']:.6f}"}
+    if current is None:
+        decision = "promoted: no previous champion"
+    elif current.version == version:
+        decision = "kept: already champion"
+    else:
+        old = error_metrics(
+            score_split({"model_uri": f"models:/{name}/{current.version}", "tracking_uri": client.tracking_uri},
+                        data_url, split, spec).probs,
+            labels,
+        )
+        tags["champion_version"] = current.version
+        tags["champion_val_top1_err"] = f"{old['top1_err']:.4f}"
+        tags["champion_val_log_loss"] = f"{old['log_loss']:.6f}"
+        better = (new["top1_err"], new["log_loss"]) < (old["top1_err"], old["log_loss"])
+        decision = (f"promoted: beats v{current.version}" if better else f"not promoted: v{current.version} is as good or better")
+        if not better:
+            tags["champion_decision"] = decision
+            for k, v in tags.items():
+                client.set_model_version_tag(name, version, k, v)
+            return decision
+    client.set_registered_model_alias(name, alias, version)
+    tags["champion_decision"] = decision
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    return decision
+
+
+def run_ensemble(config_path: str | None, overrides: list[str], storage: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from .cluster import ensure_ray
+    from .train import ensure_data
+
+    cfg, members = load_ensemble_config(config_path, overrides)
+    base = member_train_config(cfg, MemberSpec(label="base", model=next((m.model for m in members if m.model), "resnet20")))
+    data_url = base.data.url
+    ensure_data(base, cfg.source)
+    manifest = pipelines.read_manifest(data_url)
+    classes = list(manifest["classes"])
+    ensure_ray()
+
+    uri = tracking.tracking_uri()
+    client = MlflowClient(uri)
+    cfg_hash = hashlib.sha256(json.dumps(
+        {"cfg": to_dict(cfg), "members": [to_dict(m) for m in members]}, sort_keys=True, default=str
+    ).encode()).hexdigest()[:8]
+    parent_name = f"{cfg.name}-{cfg_hash}"
+    parent_run_id, _ = tracking.find_or_create_run(
+        client, cfg.experiment, parent_name,
+        {"name": cfg.name, "base": cfg.base, "members": ",".join(m.label for m in members),
+         "protocol": cfg.evaluation.protocol, "data": data_url},
+        {"kind": "ensemble"},
+    )
+    client.set_terminated(parent_run_id, "RUNNING")
+    print(f"[ensemble] {parent_name}: {len(members)} members, MLflow run {parent_run_id} at {uri}", flush=True)
+
+    got = gather_members(cfg, members, classes, storage, parent_run_id, client)
+    meta = ensemble_metadata(cfg, got, manifest, data_url)
+    spec = transform_spec(meta)
+    split = cfg.evaluation.split
+    check_classes(meta, manifest, data_url)
+    print(f"[ensemble] evaluating {len(got)} members and the ensemble on {split} ({spec['protocol']})", flush=True)
+    scores = score_split({"members": [(m.spec, m.state_dict) for m in got]}, data_url, split, spec,
+                         batch_size=cfg.evaluation.batch_size)
+    table, rows = results_table(got, scores)
+    for label, r in rows.items():
+        prefix = "ensemble" if label == "ensemble" else f"member.{label}"
+        for k in ("top1_err", "top5_err", "log_loss"):
+            client.log_metric(parent_run_id, f"{prefix}.{split}_{k}", r[k])
+    client.log_text(parent_run_id, table + "\n", "ensemble_table.md")
+
+    model_uri, version = log_and_register(cfg, got, meta, parent_run_id, client)
+    decision = decide_champion(cfg, version, rows["ensemble"], scores.labels, data_url, split, spec, client)
+    print(f"\n{table}\n\n[registry] {cfg.name} version {version}: {decision}", flush=True)
+
+    alias_uri = f"models:/{cfg.name}@{cfg.registry.alias}"
+    evaluated_uri = alias_uri if decision.startswith(("promoted", "kept")) else model_uri
+    batch = evaluate_registered(
+        evaluated_uri, data_url, cfg.batch_eval.split, storage, experiment=cfg.experiment, parent_run_id=parent_run_id
+    )
+    client.set_terminated(parent_run_id, "FINISHED")
+    return {"table": table, "rows": rows, "model_uri": model_uri, "version": version, "decision": decision,
+            "batch": batch, "parent_run_id": parent_run_id, "members": got, "scores": scores}
