@@ -18,6 +18,7 @@ COMMANDS = {
     "ablate": ("orchestrator.commands.ablate", "run one of the papers' ablation studies as Ray Tune trials"),
     "ensemble": ("orchestrator.commands.ensemble", "train, evaluate, register and batch-evaluate a ResNet ensemble"),
     "evaluate": ("orchestrator.commands.evaluate", "batch-evaluate a registered model on a data split, on the cluster"),
+    "bench": ("orchestrator.commands.bench", "measure model, loader and end-to-end training throughput (and MFU)"),
 }
 
 
