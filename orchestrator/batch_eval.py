@@ -61,8 +61,8 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
     """(metadata, [member nets]) of a registered ensemble, with a clear error if the URI is wrong."""
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri and tracking_uri != mlflow.get_tracking_uri():
+        mlflow.set_tracking_uri(tracking_uri)  # in a Ray task; the driver's own setting stays untouched
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a bad URI

@@ -78,6 +78,7 @@ class EnsembleConfig:
     name: str = "resnet-ensemble"  # registered model name
     experiment: str = "ensemble"
     source: str = ""  # pipelines source to write shards from when the data has none yet ("" = never)
+    storage: str = "./runs"  # results, checkpoints, predictions (a multi-node cluster needs s3://...); --storage wins
     base: str = "digits_resnet20.yaml"  # the training recipe every member starts from
     base_overrides: list = field(default_factory=list)  # dotted overrides for every member
     members: list = field(default_factory=list)  # MemberSpec mappings
@@ -298,13 +299,14 @@ def decide_champion(
     return decision
 
 
-def run_ensemble(config_path: str | None, overrides: list[str], storage: str) -> dict:
+def run_ensemble(config_path: str | None, overrides: list[str], storage: str | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
     from .cluster import ensure_ray
     from .train import ensure_data
 
     cfg, members = load_ensemble_config(config_path, overrides)
+    storage = storage or cfg.storage
     base = member_train_config(cfg, MemberSpec(label="base", model=next((m.model for m in members if m.model), "resnet20")))
     data_url = base.data.url
     ensure_data(base, cfg.source)

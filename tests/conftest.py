@@ -64,3 +64,24 @@ def make_bucket(s3_endpoint: str) -> Callable[[str | None], str]:
         return name
 
     return create
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One real local Ray cluster (2 CPUs) for every test that trains; each start costs seconds."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_url(tmp_path_factory) -> str:
+    """The bundled demo data (scikit-learn's real digits) written as shards once per session."""
+    from pipelines.shards import main as shards_cli
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    assert shards_cli(["write", "--source", "digits", "--out", str(out), "--quiet"]) == 0
+    return str(out)

@@ -4,7 +4,6 @@ numbers, and a tiny real study runs as nested MLflow runs on a local Ray cluster
 import time
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 import models
@@ -22,7 +21,6 @@ from orchestrator.ablations import (
 )
 from orchestrator.config import CONFIG_DIR, ConfigError, run_name
 from orchestrator.tracking import RUN_NAME_TAG
-from pipelines.shards import main as write_shards_cli
 
 STUDIES = list_studies()
 
@@ -122,23 +120,6 @@ def test_unknown_study_lists_the_valid_ones(capsys):
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory):
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
-@pytest.fixture(scope="module")
-def ray_local(mlflow_uri):
-    # Tune's trial drivers are Ray worker processes: they must see the test's MLflow store.
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits_url(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "digits"
-    assert write_shards_cli(["write", "--source", "digits", "--out", str(out), "--quiet"]) == 0
-    return str(out)
 
 
 @pytest.mark.slow

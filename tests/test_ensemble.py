@@ -8,7 +8,6 @@ import textwrap
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -22,21 +21,6 @@ from pipelines.shards import main as shards_cli
 
 pytestmark = pytest.mark.slow
 NAME = "test-ensemble"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "digits"
-    assert shards_cli(["write", "--source", "digits", "--out", str(out), "--quiet"]) == 0
-    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +46,7 @@ def overrides(digits, members):
 
 
 @pytest.fixture(scope="module")
-def first(ray_local, digits, tracking, tmp_path_factory):
+def first(ray_local, digits_url, tracking, tmp_path_factory):
     # Two trained members of different depth, plus one brought as a torchvision-layout state_dict file.
     own = tmp_path_factory.mktemp("weights") / "resnet8.pt"
     torch.manual_seed(3)
@@ -73,7 +57,7 @@ def first(ray_local, digits, tracking, tmp_path_factory):
         {"label": "own", "model": "resnet8", "checkpoint": str(own)},
     ]
     storage = str(tmp_path_factory.mktemp("runs"))
-    return run_ensemble(None, overrides(digits, members), storage), members, storage
+    return run_ensemble(None, overrides(digits_url, members), storage), members, storage
 
 
 def test_registered_with_alias_and_nested_runs(first, tracking):
@@ -120,17 +104,17 @@ def test_pyfunc_in_a_fresh_process_predicts_the_members_average(first, tracking,
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy")[:, 0], direct.argmax(1))
 
 
-def test_batch_evaluation_writes_one_prediction_per_test_sample(first, digits):
+def test_batch_evaluation_writes_one_prediction_per_test_sample(first, digits_url):
     table = pq.read_table(first[0]["batch"]["predictions"]).to_pandas()
-    n_test = pipelines.read_manifest(digits)["splits"]["test"]["num_samples"]
+    n_test = pipelines.read_manifest(digits_url)["splits"]["test"]["num_samples"]
     assert len(table) == n_test == table["key"].nunique()
     assert all(len(t) == 5 for t in table["top5"]) and all(abs(sum(p) - 1) < 1e-4 for p in table["probabilities"])
     assert (table["prediction"] == [t[0] for t in table["top5"]]).all()
 
 
-def test_rerun_reuses_members_and_keeps_the_champion_unless_beaten(first, digits, tracking):
+def test_rerun_reuses_members_and_keeps_the_champion_unless_beaten(first, digits_url, tracking):
     out, members, storage = first
-    again = run_ensemble(None, overrides(digits, members), storage)
+    again = run_ensemble(None, overrides(digits_url, members), storage)
     assert [m.run_id for m in again["members"]] == [m.run_id for m in out["members"]]  # not retrained
     assert again["version"] != out["version"]
     assert again["decision"].startswith("not promoted")  # identical scores do not beat the champion
@@ -149,12 +133,12 @@ def test_bad_model_uri_and_mismatched_classes_are_clear_errors(first, tracking, 
         evaluate_registered(f"models:/{NAME}@champion", str(other), "test", str(tmp_path))
 
 
-def test_member_checkpoint_that_does_not_match_its_architecture(ray_local, digits, tracking, tmp_path):
+def test_member_checkpoint_that_does_not_match_its_architecture(ray_local, digits_url, tracking, tmp_path):
     wrong = tmp_path / "resnet14.pt"
     torch.save(models.create_model("resnet14", num_classes=10).state_dict(), wrong)
     members = [{"label": "claims-r8", "model": "resnet8", "checkpoint": str(wrong)}]
     with pytest.raises(EvaluationError, match="member 'claims-r8'.*resnet8.*unexpected keys"):
-        run_ensemble(None, overrides(digits, members), str(tmp_path / "runs"))
+        run_ensemble(None, overrides(digits_url, members), str(tmp_path / "runs"))
 
 
 @pytest.mark.parametrize(

@@ -3,31 +3,14 @@
 import boto3
 import mlflow
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cluster import ClusterTooSmall
 from orchestrator.config import load_train_config
 from orchestrator.train import fit
-from pipelines.shards import main as write_shards_cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits_url(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "digits"
-    assert write_shards_cli(["write", "--source", "digits", "--out", str(out), "--quiet"]) == 0
-    return str(out)
 
 
 def test_train_learns_survives_a_worker_kill_and_records_everything(

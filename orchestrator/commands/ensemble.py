@@ -22,7 +22,8 @@ import sys
 def add_arguments(p) -> None:
     p.add_argument("--config", default=None, help="ensemble YAML (default: orchestrator/configs/ensemble_digits.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (train.* for the members)")
-    p.add_argument("--storage", default="./runs", help="folder or s3://bucket/prefix for results, checkpoints, predictions")
+    p.add_argument("--storage", default=None,
+                   help="folder or s3://bucket/prefix for results, checkpoints, predictions (default: the config's `storage`, ./runs)")
 
 
 def main(args) -> int:
