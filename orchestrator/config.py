@@ -39,6 +39,9 @@ class DataConfig:
     scale_range: list = field(default_factory=list)  # ImageNet train: shorter-side range ([] = [256, 480] x size/224)
     pca_lighting: float = 0.0  # AlexNet PCA colour augmentation std (v1 uses 0.1); 0 disables
     num_workers: int = 1  # data-loader processes per training worker
+    # "gpu": loader processes only read shards; JPEG decoding (nvJPEG) and the ImageNet train/test
+    # crops run on the training device (the same code on CPU when there is no GPU). ImageNet kind only.
+    decode_on: str = "cpu"
     shuffle_buffer: int = 1000
     cache_dir: str = ""  # local shard cache for S3 ("" = stream without caching)
     train_split: str = "train"
@@ -77,6 +80,7 @@ class ScalingConfig:
     sync_batchnorm: bool = False
     bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
     channels_last: bool = True  # on GPU (ignored on CPU)
+    compile: bool = False  # torch.compile the model (minutes of compile time at start-up; pays off in long runs)
 
 
 @dataclass
@@ -115,6 +119,7 @@ class TrainConfig:
 
 CHOICES = {
     "data.kind": ("cifar", "imagenet"),
+    "data.decode_on": ("cpu", "gpu"),
     "schedule.kind": ("step", "plateau", "cosine"),
     "schedule.milestone_unit": ("epoch", "iter"),
 }
@@ -258,6 +263,8 @@ def validate(cfg: TrainConfig) -> None:
     w = cfg.schedule
     if w.warmup_lr > 0 and w.warmup_iters <= 0 and w.warmup_until_train_err <= 0:
         raise ConfigError("schedule.warmup_lr needs schedule.warmup_iters > 0 or schedule.warmup_until_train_err > 0")
+    if cfg.data.decode_on == "gpu" and cfg.data.kind != "imagenet":
+        raise ConfigError("data.decode_on=gpu is for data.kind=imagenet (JPEG decoding and scale augmentation on the GPU)")
     sr = cfg.data.scale_range
     if sr and (len(sr) != 2 or sr[0] > sr[1] or sr[0] < cfg.data.size):
         raise ConfigError(f"data.scale_range must be [low, high] with data.size <= low <= high, got {sr}")

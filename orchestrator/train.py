@@ -109,6 +109,48 @@ def make_transforms(cfg: TrainConfig, manifest: dict, protocol: str = "center"):
     return train, test
 
 
+def make_batch_transforms(cfg: TrainConfig, manifest: dict, device: torch.device, generator: torch.Generator):
+    """(train, test) transforms of encoded batches on `device` (data.decode_on=gpu): nvJPEG + crops on CUDA,
+    the same code on the CPU otherwise."""
+    d = cfg.data
+    common = {"mean": manifest["mean"], "std": manifest["std"], "device": device, "generator": generator}
+    train = pipelines.make_batch_transform(
+        "imagenet", True, size=d.size, scale_range=tuple(d.scale_range) or None, lighting=d.pca_lighting, **common
+    )
+    test = pipelines.make_batch_transform("imagenet", False, size=d.test_size or d.size, resize=d.resize or None, **common)
+    return train, test
+
+
+class Transformed:
+    """`loader`'s (encoded images, labels) batches with the images decoded by `batch_transform` (re-iterable)."""
+
+    def __init__(self, loader, batch_transform):
+        self.loader, self.batch_transform = loader, batch_transform
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield self.batch_transform(images), labels
+
+
+def optimizer_impl(device: torch.device) -> dict:
+    """SGD's implementation: one fused kernel for the whole update on CUDA; multi-tensor (foreach) elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.SGD:
+    return torch.optim.SGD(  # v1: weight decay on every parameter, BN included
+        model.parameters(),
+        lr=lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        nesterov=cfg.optim.nesterov,
+        **optimizer_impl(device),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop each Ray Train worker runs.
 
@@ -145,14 +187,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if on_gpu and cfg.scaling.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(  # v1: weight decay on every parameter, BN included
-        model.parameters(),
-        lr=d["lr_scaled"],
-        momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay,
-        nesterov=cfg.optim.nesterov,
-        foreach=True,
-    )
+    opt = make_optimizer(model, cfg, d["lr_scaled"], device)
 
     # Resume: everything needed to continue exactly where the last checkpoint left off.
     start_epoch, step, history = 0, 0, []
@@ -173,12 +208,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # (1) Wrap in DDP and move to this worker's device: gloo on CPU, NCCL on GPU.
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
-    train_tf, test_tf = make_transforms(cfg, manifest)
-    loader_args = dict(rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.seed)
-    val_loader = pipelines.make_loader(
-        cfg.data.url, cfg.data.val_split, d["per_worker_batch"], transform=test_tf, shuffle=False,
-        cache_dir=cfg.data.cache_dir or None, **loader_args,
+    if cfg.scaling.compile:  # after DDP wrapping, so DDP's bucketed all-reduce still overlaps the backward
+        model = torch.compile(model)
+    # Decoding on the GPU: loader processes only read shards; the encoded bytes go to nvJPEG and the
+    # crops run as tensor ops on the device (a seeded generator per epoch keeps resume exact).
+    gpu_decode = cfg.data.decode_on == "gpu"
+    aug_rng = torch.Generator()
+    if gpu_decode:
+        train_btf, test_btf = make_batch_transforms(cfg, manifest, device, aug_rng)
+        train_tf = test_tf = None  # the loaders yield encoded bytes
+    else:
+        train_tf, test_tf = make_transforms(cfg, manifest)
+    loader_args = dict(
+        rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.seed, cache_dir=cfg.data.cache_dir or None,
+        pin_memory=on_gpu, decode=not gpu_decode,  # page-locked batches: the copies below do not block
     )
+    val_loader = pipelines.make_loader(
+        cfg.data.url, cfg.data.val_split, d["per_worker_batch"], transform=test_tf, shuffle=False, **loader_args
+    )
+    if gpu_decode:
+        val_loader = Transformed(val_loader, test_btf)
     logger = tracking.EpochLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and cfg.scaling.bf16)
 
@@ -187,9 +236,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # DDP's gradient all-reduce never waits on a rank that ran out of data.
         loader = pipelines.make_loader(
             cfg.data.url, cfg.data.train_split, d["per_worker_batch"], epoch=epoch, transform=train_tf,
-            shuffle=True, shuffle_buffer=cfg.data.shuffle_buffer, cache_dir=cfg.data.cache_dir or None,
-            **loader_args,
+            shuffle=True, shuffle_buffer=cfg.data.shuffle_buffer, **loader_args,
         )
+        if gpu_decode:
+            aug_rng.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + rank)
+            loader = Transformed(loader, train_btf)
         steps_per_epoch = len(loader)
         if cfg.debug.kill_worker_at_epoch == epoch and rank == world - 1 and world > 1:
             marker = Path(cfg.debug.kill_marker)
@@ -199,7 +250,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 os._exit(1)
 
         model.train()
-        loss_sum = correct = seen = 0.0
+        # Sums stay on the device: no host sync per step, so the CPU queues the next step while the GPU runs.
+        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         t0 = time.perf_counter()
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
@@ -218,16 +270,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss.backward()
             opt.step()
             step += 1
-            batch_correct = float((logits.argmax(1) == labels).sum())
-            loss_sum += float(loss) * len(labels)
+            batch_correct = (logits.detach().argmax(1) == labels).sum()
+            loss_sum += loss.detach() * len(labels)
             correct += batch_correct
             seen += len(labels)
             if warm:  # v1: ResNet-110 warms up until the training error drops below 80 % (all ranks agree)
-                c, n = all_reduce_sum([batch_correct, float(len(labels))], device)
+                c, n = all_reduce_sum([float(batch_correct), float(len(labels))], device)
                 done_iters = cfg.schedule.warmup_iters and step >= cfg.schedule.warmup_iters
                 below = cfg.schedule.warmup_until_train_err and 100 * (1 - c / n) < cfg.schedule.warmup_until_train_err
                 if done_iters or below:
                     warm = False
+        loss_sum, correct = float(loss_sum), float(correct)  # waits for the device: the epoch's work is done
         elapsed = time.perf_counter() - t0
         loss_sum, correct, seen, worker_rate_sum = all_reduce_sum(
             [loss_sum, correct, seen, seen / max(elapsed, 1e-9)], device
@@ -289,7 +342,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # logger skips epochs already logged, so MLflow never counts an epoch twice.
             logger.log(epoch, step, metrics)
             print(
-                f"epoch {epoch + 1}/{cfg.schedule.epochs}  loss {metrics['train_loss']:.3f}  "
+                f"[{loop_config.get('name', cfg.model.name)}] epoch {epoch + 1}/{cfg.schedule.epochs}  loss {metrics['train_loss']:.3f}  "
                 f"train err {metrics['train_top1_err']:.2f}%  val err {val['top1_err']:.2f}% "
                 f"(top-5 {val['top5_err']:.2f}%)  lr {lr:.4g}  {metrics['images_per_sec']:.0f} img/s",
                 flush=True,
@@ -365,7 +418,7 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
     storage_path, fs = storage_for_ray(storage)  # local folders become absolute paths
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id},
+        train_loop_config={"train": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id, "name": name},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

@@ -6,12 +6,13 @@
 
 Modules: ``sources`` (digits, CIFAR, image folders, synthetic), ``format`` (tar + manifest), ``writer``
 (``write_shards``), ``shards`` (the CLI), ``storage`` (local + S3 byte I/O), ``loader`` (``make_loader``),
-``transforms``.
+``transforms`` (per image, and ``make_batch_transform`` for decoding on the GPU).
 """
 
 from pipelines.format import read_manifest
 from pipelines.loader import (
     DataError,
+    Encoded,
     ErrorReport,
     ManifestMismatchError,
     ShardLoader,
@@ -20,15 +21,17 @@ from pipelines.loader import (
 )
 from pipelines.sources import parse_source
 from pipelines.storage import StorageError, make_s3_client
-from pipelines.transforms import make_transform
+from pipelines.transforms import make_batch_transform, make_transform
 from pipelines.writer import write_shards
 
 __all__ = [
     "DataError",
+    "Encoded",
     "ErrorReport",
     "ManifestMismatchError",
     "ShardLoader",
     "StorageError",
+    "make_batch_transform",
     "make_loader",
     "make_s3_client",
     "make_transform",

@@ -22,6 +22,11 @@ talking):
 Workers build full batches; each worker's last partial batch goes to the main process, which merges
 them, so batch boundaries do not waste samples per worker.
 
+``decode=False`` skips decoding and the transform: batches hold the stored (encoded) image bytes,
+for a decoder on the accelerator (``pipelines.make_batch_transform``). A worker packs a batch's bytes
+into one buffer (``Encoded``), one shared-memory transfer per batch rather than one per image; the
+loader hands out a list of 1-D uint8 tensors, views into that buffer.
+
 Bad data is counted and skipped with a warning naming shard and key (``on_error="raise"``: fatal).
 A shard whose sha256 or sample count disagrees with the manifest is always an error naming its URL.
 """
@@ -152,6 +157,27 @@ def plan_epoch(
     return plans
 
 
+@dataclass
+class Encoded:
+    """Encoded images back to back in one uint8 buffer; ``lengths[i]`` bytes each."""
+
+    data: torch.Tensor
+    lengths: torch.Tensor  # int64 (B,)
+
+    @classmethod
+    def pack(cls, blobs: list[torch.Tensor]) -> Encoded:
+        return cls(torch.cat(blobs), torch.tensor([len(b) for b in blobs], dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def unpack(self) -> list[torch.Tensor]:
+        return list(torch.split(self.data, self.lengths.tolist()))
+
+    def pin_memory(self) -> Encoded:  # DataLoader(pin_memory=True) calls this
+        return Encoded(self.data.pin_memory(), self.lengths)
+
+
 def _stack(items: list) -> Any:
     if isinstance(items[0], tuple):
         return tuple(torch.stack(list(col)) for col in zip(*items, strict=True))
@@ -159,12 +185,17 @@ def _stack(items: list) -> Any:
 
 
 def _cat(parts: list) -> Any:
+    if isinstance(parts[0], Encoded):
+        return Encoded(torch.cat([p.data for p in parts]), torch.cat([p.lengths for p in parts]))
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(list(col)) for col in zip(*parts, strict=True))
     return torch.cat(parts)
 
 
 def _slice(images: Any, start: int, stop: int) -> Any:
+    if isinstance(images, Encoded):
+        offsets = [0, *torch.cumsum(images.lengths, 0).tolist()]
+        return Encoded(images.data[offsets[start] : offsets[stop]], images.lengths[start:stop])
     if isinstance(images, tuple):
         return tuple(x[start:stop] for x in images)
     return images[start:stop]
@@ -195,6 +226,7 @@ class ShardStream(IterableDataset):
         on_error: str,
         split_by: str,
         client_factory: Callable[[], Any],
+        decode: bool = True,
     ):
         self.shards = manifest["splits"][split]["shards"]
         self.num_classes = manifest["num_classes"]
@@ -202,6 +234,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch, self.seed, self.train = epoch, seed, train
         self.transform = transform
+        self.decode = decode
         self.shuffle_buffer = shuffle_buffer
         self.cache_dir = cache_dir
         self.on_error = on_error
@@ -299,6 +332,8 @@ class ShardStream(IterableDataset):
             return self._report(url, key, f"missing or unreadable label {fields.get('cls')!r}")
         if not 0 <= label < self.num_classes:
             return self._report(url, key, f"label {label} outside [0, {self.num_classes})")
+        if not self.decode:  # the bytes as stored, for a decoder downstream (on the GPU)
+            return torch.frombuffer(bytearray(fields[ext]), dtype=torch.uint8), label
         try:
             with warnings.catch_warnings():
                 # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency);
@@ -364,12 +399,15 @@ class ShardStream(IterableDataset):
             keys.append(key)
             produced += 1
             if len(images) == self.batch_size:
-                yield _Batch(_stack(images), torch.tensor(labels), keys, True)
+                yield _Batch(self._collate(images), torch.tensor(labels), keys, True)
                 images, labels, keys = [], [], []
             if quota is not None and produced == quota:
                 break
         if images:
-            yield _Batch(_stack(images), torch.tensor(labels), keys, False)
+            yield _Batch(self._collate(images), torch.tensor(labels), keys, False)
+
+    def _collate(self, images: list) -> Any:
+        return _stack(images) if self.decode else Encoded.pack(images)
 
 
 class _Tee:
@@ -430,6 +468,8 @@ class ShardLoader:
         return self._len
 
     def _out(self, images: Any, labels: torch.Tensor, keys: list[str]) -> tuple:
+        if isinstance(images, Encoded):
+            images = images.unpack()
         return (images, labels, keys) if self.with_keys else (images, labels)
 
     def __iter__(self) -> Iterator[tuple]:
@@ -507,6 +547,7 @@ def make_loader(
     pin_memory: bool = False,
     prefetch_factor: int = 2,
     client_factory: Callable[[], Any] | None = None,
+    decode: bool = True,
 ) -> ShardLoader:
     """A loader over ``split`` of the shards at ``url`` (a folder or ``s3://bucket/prefix``) for one rank.
 
@@ -516,7 +557,10 @@ def make_loader(
     selects training semantics (equal batch counts per rank, drop-last, wraparound) or evaluation
     semantics (every sample once). See the module docstring for how work is divided.
     ``cache_dir`` keeps verified copies of S3 shards, named by sha256. ``client_factory`` makes the
-    boto3 client in each worker (default ``storage.make_s3_client``).
+    boto3 client in each worker (default ``storage.make_s3_client``). ``decode=False``: images are a
+    list of 1-D uint8 tensors, the encoded bytes as stored (``transform`` must be None); decode them
+    with ``pipelines.make_batch_transform``. ``pin_memory``: page-locked batches, for non-blocking
+    copies to the GPU.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; valid: {list(ON_ERROR)}")
@@ -526,6 +570,8 @@ def make_loader(
         raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not decode and transform is not None:
+        raise ValueError("decode=False yields encoded bytes: a per-image transform cannot apply (use a batch transform)")
     client_factory = client_factory or storage.make_s3_client
     client = client_factory() if storage.is_s3(url) else None
     manifest = read_manifest(url, client)
@@ -556,5 +602,6 @@ def make_loader(
         on_error=on_error,
         split_by=split_by,
         client_factory=client_factory,
+        decode=decode,
     )
     return ShardLoader(dataset, num_workers=num_workers, with_keys=with_keys, pin_memory=pin_memory, prefetch_factor=prefetch_factor, manifest=manifest, url=url)

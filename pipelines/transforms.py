@@ -20,14 +20,23 @@ random ``size`` crop (224), horizontal flip, AlexNet PCA lighting (std 0.1), nor
 the single ``size`` view (He et al. 2015, sec. 4.2). The demo's 32 px digits use these.
 
 The loader batches the three test outputs as (B, C, H, W), (B, 10, C, H, W) and a tuple of (B, C, s, s).
+
+``make_batch_transform("imagenet", train, ..., device=...)``: the same ImageNet train and centre-crop
+test transforms for a whole batch of *encoded* images (``make_loader(..., decode=False)``), run on
+``device``: JPEG decoding with nvJPEG on CUDA (``torchvision.io.decode_jpeg(..., device="cuda")``),
+then crop, flip, lighting and normalisation as batched tensor ops, so two CPU cores per GPU only
+read shards. On ``device="cpu"`` the same code runs on the CPU (the fallback, and how it is tested).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 PROTOCOLS = ("center", "ten_crop", "multi_scale")
 KINDS = ("imagenet", "cifar")
@@ -134,3 +143,113 @@ def make_transform(
     scales = scales or tuple(scaled(s) for s in (224, 256, 384, 480, 640))
     views = [v2.Compose([v2.Resize(s), v2.CenterCrop(s), *_finish(mean, std)]) for s in scales]
     return v2.Compose([*head, MultiScale(views)])
+
+
+class BatchTransform:
+    """``make_transform("imagenet", ...)`` for a batch of encoded images, decoded and augmented on ``device``.
+
+    Geometry as the per-image transform: train: shorter side random in ``scale_range``, a random
+    ``size`` crop, flip; test: shorter side to ``resize``, centre ``size`` crop. Each image's crop box
+    is mapped back to source pixels so that only the crop is resized (one ``resized_crop`` per
+    image, not a resize of the whole image and then a crop). Random draws come from ``generator``
+    on the CPU, so CPU and GPU runs of one seed crop alike.
+    """
+
+    def __init__(
+        self,
+        train: bool,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        size: int,
+        scale_range: tuple[int, int],
+        resize: int,
+        lighting: float,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ):
+        self.train, self.size, self.scale_range, self.resize, self.lighting = train, size, scale_range, resize, lighting
+        self.device = torch.device(device)
+        self.generator = generator
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.eigval = torch.tensor(IMAGENET_EIGVAL, dtype=torch.float32)
+        self.eigvec = torch.tensor(IMAGENET_EIGVEC, dtype=torch.float32)
+
+    def decode(self, blobs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 (3, H, W) images on ``device``: JPEGs in one batched call (nvJPEG on CUDA), others
+        (PNG) on the CPU and then moved."""
+        is_jpeg = [len(b) > 2 and b[0].item() == 0xFF and b[1].item() == 0xD8 for b in blobs]
+        out: list = [None] * len(blobs)
+        with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec (not a dependency)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            jpegs = [i for i, j in enumerate(is_jpeg) if j]
+            if jpegs:
+                decoded = decode_jpeg([blobs[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+                for i, image in zip(jpegs, decoded, strict=True):
+                    out[i] = image
+            for i, j in enumerate(is_jpeg):
+                if not j:
+                    out[i] = decode_image(blobs[i], mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
+        return out
+
+    def _randint(self, low: int, high: int) -> int:
+        """Uniform in [low, high] (inclusive)."""
+        return int(torch.randint(low, high + 1, (1,), generator=self.generator))
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w) in source pixels of the crop that becomes the ``size`` x ``size`` view."""
+        s = self._randint(*self.scale_range) if self.train else self.resize
+        f = s / min(height, width)  # scale factor of the (virtual) resize
+        rh, rw = max(self.size, round(height * f)), max(self.size, round(width * f))
+        if self.train:
+            top, left = self._randint(0, rh - self.size), self._randint(0, rw - self.size)
+        else:  # as v2.CenterCrop
+            top, left = int(round((rh - self.size) / 2.0)), int(round((rw - self.size) / 2.0))
+        h, w = min(height, max(1, round(self.size / f))), min(width, max(1, round(self.size / f)))
+        return min(round(top / f), height - h), min(round(left / f), width - w), h, w
+
+    def __call__(self, blobs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Encoded images -> float32 (B, 3, size, size) on ``device``, normalised."""
+        images = self.decode(blobs)
+        crops = [
+            TF.resized_crop(img, *self.box(img.shape[-2], img.shape[-1]), [self.size, self.size], antialias=True)
+            for img in images
+        ]
+        x = torch.stack(crops).float().div_(255)
+        n = len(crops)
+        if self.train:
+            flip = (torch.rand(n, generator=self.generator) < 0.5).to(self.device, non_blocking=True)
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+            if self.lighting:  # per image: eigvec @ (alpha * eigval), alpha ~ N(0, lighting)
+                alpha = torch.randn(n, 3, generator=self.generator) * self.lighting
+                rgb = (alpha * self.eigval) @ self.eigvec.T
+                x += rgb.to(self.device, non_blocking=True).view(n, 3, 1, 1)
+        return x.sub_(self.mean).div_(self.std)
+
+
+def make_batch_transform(
+    kind: str,
+    train: bool,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    size: int | None = None,
+    protocol: str = "center",
+    scale_range: tuple[int, int] | None = None,
+    resize: int | None = None,
+    lighting: float = 0.1,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> BatchTransform:
+    """The batched, on-device form of ``make_transform(kind, train, ...)`` (ImageNet; test: centre crop)."""
+    if kind != "imagenet":
+        raise ValueError(f"batch transform: kind {kind!r} is not supported; decode on the accelerator is for 'imagenet'")
+    if not train and protocol != "center":
+        raise ValueError(f"batch transform: test protocol {protocol!r} is not supported; only 'center'")
+    size = size or 224
+    lo, hi = scale_range or (round(size * 256 / 224), round(size * 480 / 224))
+    return BatchTransform(
+        train, mean=mean, std=std, size=size, scale_range=(lo, hi), resize=resize or round(size * 256 / 224),
+        lighting=lighting, device=device, generator=generator,
+    )
