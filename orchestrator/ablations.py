@@ -255,17 +255,14 @@ class Outcome:
 
 def read_outcomes(client, experiment_id: str, trials: list[StudyTrial], errors: dict) -> dict[str, Outcome]:
     """The final (last-epoch) val errors of every trial, by trial label."""
-    from .tracking import RUN_NAME_TAG
+    from .tracking import find_run
 
     out = {}
     for t in trials:
         name = run_name(t.trial.config)
-        runs = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", order_by=["attributes.start_time DESC"]
-        )
+        run = find_run(client, experiment_id, name)
         o = Outcome(planned=t.trial.config.schedule.epochs, error=str(errors.get(t.trial.label) or "")[:300])
-        if runs:
-            run = runs[0]
+        if run:
             o.run_id, o.status = run.info.run_id, run.info.status
             o.epochs = len(client.get_metric_history(o.run_id, "epoch"))
             for key, attr in (("val_top1_err", "top1"), ("val_top5_err", "top5")):

@@ -139,16 +139,12 @@ def _state_from_file(path: str) -> dict:
 
 
 def _download_checkpoint(client, run_id: str) -> dict:
-    import mlflow
+    from .train import download_checkpoint
 
     try:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="checkpoint/checkpoint.pt", dst_path=tempfile.mkdtemp(),
-            tracking_uri=client.tracking_uri,
-        )
+        return download_checkpoint(client, run_id)[1]
     except Exception as e:  # noqa: BLE001
         raise EvaluationError(f"MLflow run {run_id!r} has no checkpoint/checkpoint.pt: {str(e).splitlines()[0]}") from None
-    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def gather_members(cfg: EnsembleConfig, members: list[MemberSpec], classes: list, storage: str, parent_run_id: str, client) -> list[Member]:
@@ -189,13 +185,13 @@ def gather_members(cfg: EnsembleConfig, members: list[MemberSpec], classes: list
             raise RuntimeError(f"members failed to train: {', '.join(f'{k}: {v}' for k, v in errors.items())}")
     exp_id = tracking.experiment_id(client, cfg.experiment)
     for t in to_train:
-        runs = client.search_runs([exp_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name(t.config)}'")
-        if not runs:
+        run = tracking.find_run(client, exp_id, run_name(t.config))
+        if run is None:
             raise RuntimeError(f"member {t.label!r}: no MLflow run {run_name(t.config)!r} after training")
-        state = _download_checkpoint(client, runs[0].info.run_id)
+        state = _download_checkpoint(client, run.info.run_id)
         spec = {"label": t.label, "model": t.config.model.name, "overrides": t.config.model.overrides,
                 "num_classes": len(classes)}
-        got[t.label] = Member(t.label, spec, state["model"], runs[0].info.run_id)
+        got[t.label] = Member(t.label, spec, state["model"], run.info.run_id)
     return [got[m.label] for m in members]
 
 

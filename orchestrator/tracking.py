@@ -40,6 +40,14 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return exp.experiment_id if exp else client.create_experiment(name)
 
 
+def find_run(client: MlflowClient, exp_id: str, name: str):
+    """The newest run tagged with the deterministic run `name` in experiment `exp_id`, or None."""
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", order_by=["attributes.start_time DESC"]
+    )
+    return found[0] if found else None
+
+
 def find_or_create_run(
     client: MlflowClient, experiment: str, name: str, params: dict, tags: dict, parent_run_id: str | None = None
 ):
@@ -48,11 +56,8 @@ def find_or_create_run(
     Returns (run_id, finished): `finished` means an earlier invocation completed this run.
     """
     exp_id = experiment_id(client, experiment)
-    found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", order_by=["attributes.start_time DESC"]
-    )
-    if found:
-        run = found[0]
+    run = find_run(client, exp_id, name)
+    if run:
         return run.info.run_id, run.info.status == "FINISHED"
     all_tags = {RUN_NAME_TAG: name, "git_commit": git_commit(), "mlflow.runName": name, **tags}
     if parent_run_id:

@@ -470,15 +470,20 @@ def _in_tune_session() -> bool:
     return in_tune()
 
 
-def finished_result(client, run_id: str, name: str, cfg: TrainConfig) -> FitResult:
-    """The result of a run that already finished, from its MLflow record (no Ray Train start)."""
+def download_checkpoint(client, run_id: str) -> tuple[str, dict]:
+    """(local path, state) of the final checkpoint a finished run logged to MLflow."""
     import mlflow
 
-    local_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     path = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}", dst_path=str(local_dir), tracking_uri=client.tracking_uri
+        run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}", dst_path=tempfile.mkdtemp(),
+        tracking_uri=client.tracking_uri,
     )
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    return path, torch.load(path, weights_only=True, map_location="cpu")
+
+
+def finished_result(client, run_id: str, name: str, cfg: TrainConfig) -> FitResult:
+    """The result of a run that already finished, from its MLflow record (no Ray Train start)."""
+    path, state = download_checkpoint(client, run_id)
     final = state["history"][-1] if state["history"] else {}
     print(f"[train] {name} already finished (MLflow run {run_id}): val top-1 err {final.get('val_top1_err', float('nan')):.2f}%", flush=True)
     return FitResult(name, run_id, final, path, cfg)
