@@ -104,6 +104,9 @@ def resolve(name: str, **overrides) -> dict:
             _check_number(key, cfg["skip_params"][key], 0.0, 10.0)
     if "skip_dropout" in cfg["skip_params"]:
         _check_number("skip_dropout", cfg["skip_params"]["skip_dropout"], 0.0, 0.99)
+    for key in ("shortcut_bn", "skip_dropout_inverted"):
+        if key in cfg["skip_params"] and not isinstance(cfg["skip_params"][key], bool):
+            raise ValueError(f"{key} must be True or False, got {cfg['skip_params'][key]!r}")
     if "gate_bias" in cfg["skip_params"]:
         _check_number("gate_bias", cfg["skip_params"]["gate_bias"], -100.0, 100.0)
     return cfg

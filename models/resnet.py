@@ -80,7 +80,7 @@ class ResidualBlock(nn.Module):
         self._post = post
 
         self.downsample = None if self.plain else make_shortcut(
-            shortcut_option, skip, in_channels, out_channels, stride
+            shortcut_option, skip, skip_params, in_channels, out_channels, stride, preact=bool(unit.preact)
         )
         self.combine = None if self.plain else make_combine(skip, skip_params, in_channels, out_channels, stride)
         self._zero_target = f"bn{len(specs)}" if unit.last_op in ("bn", "relu") else f"conv{len(specs)}"

@@ -89,15 +89,23 @@ def projection(in_channels: int, out_channels: int, stride: int, norm: bool = Tr
     return nn.Sequential(*layers)
 
 
-def make_shortcut(option: str | None, skip: str, in_channels: int, out_channels: int, stride: int):
-    """The module h(x) of one unit, or None for the identity (or for a plain net's missing shortcut)."""
+def make_shortcut(
+    option: str | None, skip: str, skip_params: dict, in_channels: int, out_channels: int, stride: int,
+    *, preact: bool = False,
+):
+    """The module h(x) of one unit, or None for the identity (or for a plain net's missing shortcut).
+
+    `preact`: the unit is a pre-activation unit, so its projections are a bare 1x1 conv on the
+    pre-activated input, without BN: the authors' `resnet-pre-act.lua` (KaimingHe/resnet-1k-layers) and
+    fb.resnet.torch's `preresnet.lua` build the shortcut as `nn.SpatialConvolution` alone.
+    """
     if option is None:
         return None
-    if skip == "conv1x1":  # v2 Fig. 2(e): a 1x1 conv on every shortcut, no BN.
-        return projection(in_channels, out_channels, stride, norm=False)
+    if skip == "conv1x1":  # v2 Fig. 2(e): a 1x1 conv on every shortcut; BN only if asked (shortcut_bn)
+        return projection(in_channels, out_channels, stride, norm=skip_params["shortcut_bn"])
     grows = stride != 1 or in_channels != out_channels
     if option == "C" or (option == "B" and grows):
-        return projection(in_channels, out_channels, stride)
+        return projection(in_channels, out_channels, stride, norm=not preact)
     if option == "A" and grows:
         return ZeroPadShortcut(in_channels, out_channels, stride)
     return None
@@ -119,7 +127,12 @@ SKIP_PARAMS = {
     "constant_scaling": {"shortcut_scale": 0.5, "residual_scale": 1.0},  # 0.5/0.5 is Table 1's 12.35 row
     "exclusive_gating": {"gate_bias": -6.0},
     "shortcut_only_gating": {"gate_bias": -6.0},
-    "dropout": {"skip_dropout": 0.5},
+    # The paper's 1x1-conv shortcut has no BN after the conv (v2 does not say; we choose none, as Fig. 2(e)
+    # draws a bare conv); shortcut_bn=True adds one, as option B/C projections have.
+    "conv1x1": {"shortcut_bn": False},
+    # skip_dropout_inverted=False is the paper's: the mask is not rescaled, so the shortcut is scaled by
+    # lambda with an expectation of 1-p (v2 sec. 3.1); True is nn.Dropout (expectation 1).
+    "dropout": {"skip_dropout": 0.5, "skip_dropout_inverted": False},
 }
 
 
@@ -164,14 +177,29 @@ class Gating(nn.Module):
 
 
 class DropoutShortcut(nn.Module):
-    """y = dropout(h(x)) + F(x). Inverted dropout: the shortcut keeps its expected value."""
+    """y = m * h(x) + F(x) with a Bernoulli(1 - p) mask m per element.
 
-    def __init__(self, p: float):
+    The paper's variant (v2 sec. 3.1: dropout "statistically imposes a scale of lambda with an
+    expectation of 0.5 on the shortcut", which is why it fails): in training the mask is applied
+    without rescaling, at test the shortcut is multiplied by its expectation 1 - p.
+    `inverted=True` is nn.Dropout instead (training: m / (1 - p); test: identity).
+    """
+
+    def __init__(self, p: float, inverted: bool = False):
         super().__init__()
-        self.dropout = nn.Dropout(p)
+        self.p = p
+        self.inverted = inverted
+        self.dropout = nn.Dropout(p) if inverted else None
 
     def forward(self, x, s, f):
-        return self.dropout(s) + f
+        if self.inverted:
+            return self.dropout(s) + f
+        if not self.training:
+            return (1 - self.p) * s + f
+        return s * torch.bernoulli(torch.full_like(s, 1 - self.p)) + f
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, inverted={self.inverted}"
 
 
 def make_combine(skip: str, params: dict, in_channels: int, out_channels: int, stride: int) -> nn.Module:
@@ -182,5 +210,5 @@ def make_combine(skip: str, params: dict, in_channels: int, out_channels: int, s
     if skip in ("exclusive_gating", "shortcut_only_gating"):
         return Gating(in_channels, out_channels, stride, params["gate_bias"], skip == "exclusive_gating")
     if skip == "dropout":
-        return DropoutShortcut(params["skip_dropout"])
+        return DropoutShortcut(params["skip_dropout"], params["skip_dropout_inverted"])
     raise ValueError(f"unknown skip {skip!r}; valid: {', '.join(SKIPS)}")

@@ -194,3 +194,51 @@ def test_bad_input_gets_a_clear_error(name, overrides, message):
 def test_duplicate_registration_raises():
     with pytest.raises(ValueError, match="already registered"):
         register_model("resnet50", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: the variants as the papers define them.
+
+
+def test_dropout_shortcut_scales_the_shortcut_by_its_expectation():
+    # v2 sec. 3.1: dropout on the shortcut imposes a scale with an expectation of 1 - p (0.5): in training
+    # the mask is not rescaled; at test the shortcut is multiplied by 1 - p.
+    torch.manual_seed(0)
+    combine = create_model("resnet8", skip="dropout").layer1[0].combine
+    x, zero = torch.ones(200_000), torch.zeros(200_000)
+    out = combine.train()(None, x, zero)
+    assert set(out.unique().tolist()) == {0.0, 1.0} and out.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert torch.equal(combine.eval()(None, x, zero), 0.5 * x)
+    inverted = create_model("resnet8", skip="dropout", skip_dropout_inverted=True).layer1[0].combine
+    assert inverted.train()(None, x, zero).mean().item() == pytest.approx(1.0, abs=0.02)  # nn.Dropout keeps 1
+    assert torch.equal(inverted.eval()(None, x, zero), x)
+
+
+PREACT_WITH_PROJECTIONS = [n for n in list_models() if n.startswith("preact_") and resolve(n)["shortcut"] != "A"]
+
+
+@pytest.mark.parametrize("name", PREACT_WITH_PROJECTIONS)
+def test_no_preactivation_projection_shortcut_has_a_batchnorm(name):
+    # resnet-pre-act.lua and fb.resnet.torch's preresnet.lua: a bare 1x1 conv on the pre-activated input.
+    model = create_model(name, width=4) if resolve(name)["stem"] == "cifar" else create_model(name)
+    projections = [m.downsample for m in model.modules() if getattr(m, "downsample", None) is not None]
+    assert projections, f"{name} has no projection shortcut to check"
+    for p in projections:
+        assert [type(m) for m in p] == [torch.nn.Conv2d]
+    original = create_model("resnet164", width=4)  # the v1 unit keeps option B's BN
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in original.layer2[0].downsample)
+
+
+def test_preactivation_nets_named_in_the_issue_have_projections_without_bn():
+    assert {"preact_resnet164", "preact_resnet1001", "preact_resnet152", "preact_resnet200"} <= set(PREACT_WITH_PROJECTIONS)
+
+
+def test_conv1x1_skip_has_no_bn_unless_asked():
+    plain = create_model("resnet8", skip="conv1x1").layer1[0].downsample
+    with_bn = create_model("resnet8", skip="conv1x1", shortcut_bn=True).layer1[0].downsample
+    assert [type(m) for m in plain] == [torch.nn.Conv2d]
+    assert [type(m) for m in with_bn] == [torch.nn.Conv2d, torch.nn.BatchNorm2d]
+    with pytest.raises(ValueError, match="shortcut_bn applies to skip=conv1x1"):
+        create_model("resnet8", shortcut_bn=True)
+    with pytest.raises(ValueError, match="shortcut_bn must be True or False, got 'yes'"):
+        create_model("resnet8", skip="conv1x1", shortcut_bn="yes")
