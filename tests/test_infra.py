@@ -1,6 +1,8 @@
 """infra/: what a user applies, checked the way they would meet it.
 
-- The AWS cluster passes Ray's own schema and validator (no cloud credentials needed for that).
+- The AWS cluster passes Ray's own schema and validator (no cloud credentials needed for that), the
+  CloudFormation template passes cfn-lint, and every Kubernetes object passes kubernetes-validate's
+  strict schemas for K8S_VERSION (all offline: the schemas ship in the packages).
 - The KubeRay and MLflow manifests parse, carry the fields that matter, and point at modules, config
   files, an image tag and pins that exist in this repository.
 - No credential and no all-interfaces dashboard anywhere in infra/.
@@ -120,7 +122,78 @@ def test_aws_prerequisites_open_only_ssh_from_one_cidr():
     assert "0.0.0.0" not in resources["HeadRole"]["Properties"]["RoleName"]
 
 
+# ---------------------------------------------------------------- CloudFormation (cfn-lint)
+
+
+def test_aws_prerequisites_pass_cfn_lint(cluster):
+    from cfnlint.api import lint
+
+    # cfn-lint's resource schemas ship in its wheel: nothing is downloaded here.
+    regions = [cluster["provider"]["region"]]
+    text = (INFRA / "aws" / "prerequisites.yaml").read_text()
+    assert [str(m) for m in lint(text, regions=regions)] == []
+
+    # the linter is really looking: a misspelt property of the security group is an error
+    broken = text.replace("GroupDescription:", "GroupDescriptoin:", 1)
+    assert broken != text
+    assert any("GroupDescriptoin" in str(m) for m in lint(broken, regions=regions))
+
+
 # ---------------------------------------------------------------- Kubernetes
+
+# The schemas of this Kubernetes release (strict: unknown fields are errors) ship in the
+# kubernetes-validate wheel; the manifests must be valid for it.
+K8S_VERSION = "1.33.0"
+CORE_KINDS = {"Deployment", "Service", "ServiceAccount", "ConfigMap", "Secret"}
+
+
+def _core_objects():
+    """Every Kubernetes object in infra/; KubeRay's custom resources are checked through their pod
+    templates, as PodTemplates (their CRDs embed the core PodTemplateSpec)."""
+    for path in K8S_MANIFESTS:
+        for d in _docs(path):
+            name = f"{_rel(path)}:{d['kind']}/{d['metadata']['name']}"
+            if d["kind"] in ("RayCluster", "RayJob"):
+                spec = d["spec"].get("rayClusterSpec", d["spec"])
+                templates = {"head": spec["headGroupSpec"]["template"]}
+                templates |= {g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}
+                if "submitterPodTemplate" in d["spec"]:
+                    templates["submitter"] = d["spec"]["submitterPodTemplate"]
+                for group, template in templates.items():
+                    pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}}
+                    yield f"{name}:{group}", {**pod, "template": template}
+            else:  # any other kind must be one the schemas know
+                yield name, d
+
+
+CORE_OBJECTS = dict(_core_objects())
+
+
+def test_every_core_kind_in_infra_is_validated():
+    kinds = {d["kind"] for d in CORE_OBJECTS.values()}
+    # No Secret manifest: secrets are created with kubectl (test_k8s_manifest_parses_and_exposes_nothing).
+    assert kinds >= CORE_KINDS - {"Secret"} | {"PodTemplate"}, kinds
+
+
+@pytest.mark.parametrize("name", CORE_OBJECTS)
+def test_k8s_object_passes_the_schema(name):
+    from kubernetes_validate.utils import validate
+
+    validate(CORE_OBJECTS[name], K8S_VERSION, strict=True)
+
+
+def test_the_k8s_schema_validator_is_really_looking():
+    from kubernetes_validate.utils import ValidationError, validate
+
+    (deploy,) = [d for d in CORE_OBJECTS.values() if d["kind"] == "Deployment"]
+    typo = copy.deepcopy(deploy)
+    typo["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(ValidationError, match="imagePullPolicyy"):
+        validate(typo, K8S_VERSION, strict=True)
+    wrong_type = copy.deepcopy(deploy)
+    wrong_type["spec"]["replicas"] = "two"
+    with pytest.raises(ValidationError, match="not of type 'integer'"):
+        validate(wrong_type, K8S_VERSION, strict=True)
 
 
 @pytest.mark.parametrize("path", K8S_MANIFESTS, ids=_rel)
