@@ -20,7 +20,7 @@ from pipelines.loader import (
     plan_epoch,
 )
 from pipelines.sources import parse_source
-from pipelines.storage import StorageError, make_s3_client
+from pipelines.storage import StorageError, make_s3_client, s3_compat_env
 from pipelines.transforms import make_batch_transform, make_transform
 from pipelines.writer import write_shards
 
@@ -38,5 +38,6 @@ __all__ = [
     "parse_source",
     "plan_epoch",
     "read_manifest",
+    "s3_compat_env",
     "write_shards",
 ]

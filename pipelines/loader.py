@@ -8,7 +8,8 @@ talking):
 * ``split_by="shard"``: the split's shards (shuffled by ``seed`` + ``epoch`` in training) are dealt
   to slots; each slot reads whole shards. ``"sample"``: every slot reads every shard and keeps the
   samples whose (per-epoch permuted) index falls in its slot: exact balance at the cost of reading
-  each shard once per slot. ``"auto"`` picks shard mode when there are at least 4 shards per slot or
+  each shard once per slot. The permutation is a keyed bijection computed per shard as it is read
+  (``_permute``), so planning costs nothing per sample, however large the split. ``"auto"`` picks shard mode when there are at least 4 shards per slot or
   the shard count divides evenly among slots, else sample mode (the demo's few digit shards).
 * Training (``shuffle=True``): every rank yields exactly ``len(loader) = (N // world_size) //
   batch_size`` full batches, N the split's sample count, so DDP never waits on a rank that ran
@@ -27,8 +28,24 @@ for a decoder on the accelerator (``pipelines.make_batch_transform``). A worker 
 into one buffer (``Encoded``), one shared-memory transfer per batch rather than one per image; the
 loader hands out a list of 1-D uint8 tensors, views into that buffer.
 
-Bad data is counted and skipped with a warning naming shard and key (``on_error="raise"``: fatal).
-A shard whose sha256 or sample count disagrees with the manifest is always an error naming its URL.
+Integrity: a shard is checked against its manifest entry as it streams (size when opened; sample
+count and sha256 at its end), and every sample must decode and carry a label in range. By default
+(``on_error="raise"``) anything wrong is an error naming the shard and, where there is one, the
+sample: ``ManifestMismatchError`` for the shard, ``DataError`` for a sample. ``on_error="skip"``
+(training only; evaluation always raises) skips instead and reports each loss as an
+``ErrorReport`` (``loader.errors``, ``loader.skipped`` samples, one warning each): a shard whose size
+differs is skipped whole before any of it is used; a tar that breaks mid-way loses the rest of its
+samples; a shard whose bytes changed at the same size is reported once its hash is known (its
+samples that decoded were used). Evaluation checks it yielded exactly the samples the manifest lists.
+
+Shards are not checked for existence up front (that cost a stat/HEAD per shard, per epoch, per
+rank); a missing shard fails its first read with an error naming it (``check_shards=True``
+restores the up-front check, e.g. once per job in a driver).
+
+The tar iteration is the ``webdataset`` library's (``pipelines.format.iter_tar``). Its pipeline
+stages (``split_by_node``/``split_by_worker``, ``shuffle``, ``batched``) are not used: they cannot
+promise equal batch counts per rank (DDP would hang) nor exactly-once evaluation, so the planning
+and batching below are ours.
 """
 
 from __future__ import annotations
@@ -48,11 +65,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from pipelines import storage
-from pipelines.format import HashingReader, iter_tar, read_manifest
+from pipelines.format import HashingReader, error_text, iter_tar, read_label, read_manifest
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 SPLIT_MODES = ("auto", "shard", "sample")
-ON_ERROR = ("warn", "raise")
+ON_ERROR = ("raise", "skip")
 
 
 class DataError(RuntimeError):
@@ -65,12 +82,15 @@ class ManifestMismatchError(RuntimeError):
 
 @dataclass
 class ErrorReport:
+    """A skipped sample (``key``) or part of a shard (``key`` None); ``samples``: how many were lost."""
+
     shard: str
-    key: str
+    key: str | None
     reason: str
+    samples: int = 1
 
     def __str__(self) -> str:
-        return f"{self.shard}: sample {self.key!r}: {self.reason}"
+        return f"{self.shard}: sample {self.key!r}: {self.reason}" if self.key is not None else f"{self.shard}: {self.reason}"
 
 
 @dataclass
@@ -81,12 +101,62 @@ class _Batch:
     full: bool
 
 
+def _mix(x: np.ndarray, key: int) -> np.ndarray:
+    """A keyed 64-bit mixer (splitmix64's finaliser); uint64 arithmetic wraps, as meant."""
+    x = (x ^ np.uint64(key)) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    return x ^ (x >> np.uint64(31))
+
+
+def _permute(index: np.ndarray, total: int, keys: tuple[int, ...]) -> np.ndarray:
+    """A keyed bijection of ``[0, total)`` evaluated at ``index`` (any subset): a 4-round Feistel
+    network on the smallest even bit width that covers ``total``, cycle-walking values that land
+    outside (fewer than 4 steps on average). Each shard's samples are permuted as it is read, so a
+    38M-sample split costs no per-sample memory to plan."""
+    half = max(1, ((max(total, 2) - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+
+    def feistel(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right, k) & mask)
+        return (left << shift) | right
+
+    y = feistel(index.astype(np.uint64))
+    outside = y >= np.uint64(total)
+    while outside.any():
+        y[outside] = feistel(y[outside])
+        outside = y >= np.uint64(total)
+    return y
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Sample mode: a slot keeps global sample ``i`` when ``order(i) % slots == slot``, ``order`` the
+    epoch's permutation in training (identity in evaluation): exactly balanced, never materialised."""
+
+    total: int
+    slots: int
+    slot: int
+    keys: tuple[int, ...] | None  # Feistel keys; None = identity
+
+    def mask(self, offset: int, count: int) -> np.ndarray:
+        index = np.arange(offset, offset + count, dtype=np.uint64)
+        order = _permute(index, self.total, self.keys) if self.keys is not None else index
+        return order % np.uint64(self.slots) == np.uint64(self.slot)
+
+    def owned(self) -> int:
+        return self.total // self.slots + (self.slot < self.total % self.slots)
+
+
 @dataclass
 class SlotPlan:
     """What one (rank, worker) slot reads in one epoch."""
 
     shards: list[dict]  # in read order
-    keep: np.ndarray | None  # sample mode: bool per global sample index; None = every sample of the shards
+    keep: Selection | None  # sample mode: which samples are the slot's; None = every sample of the shards
     available: int  # samples it owns
     quota: int | None  # training: samples to yield (with wraparound); eval: None = each owned sample once
 
@@ -144,12 +214,11 @@ def plan_epoch(
             mine = [dict(shards[i], offset=int(offsets[i])) for i in order[slot::slots]]
             plans.append(SlotPlan(mine, None, sum(s["num_samples"] for s in mine), None))
     else:
-        index = np.arange(total)
-        owner = (rng.permutation(total) if train else index) % slots
+        keys = tuple(int(k) for k in rng.integers(0, 2**63, size=4)) if train else None
         ordered = [dict(shards[i], offset=int(offsets[i])) for i in order]
         for slot in my_slots:
-            keep = owner == slot
-            plans.append(SlotPlan(ordered, keep, int(keep.sum()), None))
+            keep = Selection(total, slots, slot, keys)
+            plans.append(SlotPlan(ordered, keep, keep.owned(), None))
     if train:
         per_rank = (total // world_size) // batch_size * batch_size
         for plan, quota in zip(plans, _quotas([p.available for p in plans], per_rank), strict=True):
@@ -228,8 +297,10 @@ class ShardStream(IterableDataset):
         client_factory: Callable[[], Any],
         decode: bool = True,
     ):
+        self.split = split
         self.shards = manifest["splits"][split]["shards"]
         self.num_classes = manifest["num_classes"]
+        self.label_key = manifest.get("label_key", "cls")
         self.batch_size = batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch, self.seed, self.train = epoch, seed, train
@@ -269,45 +340,82 @@ class ShardStream(IterableDataset):
             self._client = self.client_factory()
         return self._client
 
-    def _open(self, shard: dict) -> tuple[Any, str | None]:
-        """A stream over the shard, from the cache when there; else (stream, cache temp path)."""
+    def _open(self, shard: dict) -> tuple[Any, str | None, int | None]:
+        """(stream over the shard, cache temp path or None, its size in bytes if known); from the
+        cache when there. A shard that cannot be opened is a ``ManifestMismatchError`` naming it."""
         url = shard["url"]
-        if self.cache_dir and storage.is_s3(url):
-            cached = os.path.join(self.cache_dir, shard["sha256"] + ".tar")
-            if os.path.exists(cached):
-                return open(cached, "rb"), None
-            os.makedirs(self.cache_dir, exist_ok=True)
-            return storage.open_stream(url, self._client_for(url)), cached
-        return storage.open_stream(url, self._client_for(url)), None
+        try:
+            if self.cache_dir and storage.is_s3(url):
+                cached = os.path.join(self.cache_dir, shard["sha256"] + ".tar")
+                if os.path.exists(cached):
+                    f = open(cached, "rb")
+                    return f, None, os.fstat(f.fileno()).st_size
+                os.makedirs(self.cache_dir, exist_ok=True)
+                stream = storage.open_stream(url, self._client_for(url))
+                return stream, cached, stream.size
+            stream = storage.open_stream(url, self._client_for(url))
+        except storage.StorageError as err:
+            raise ManifestMismatchError(f"{url}: shard listed in the manifest cannot be read ({err})") from err
+        nbytes = os.fstat(stream.fileno()).st_size if hasattr(stream, "fileno") else stream.size
+        return stream, None, nbytes
 
-    def _read_shard(self, shard: dict, keep: np.ndarray | None) -> Iterator[tuple[str, str, dict] | ErrorReport]:
+    def _read_shard(self, shard: dict, keep: Selection | None, report: bool = True) -> Iterator[tuple[str, str, dict] | ErrorReport]:
+        """The slot's samples of one shard, checked against the manifest entry (see the module
+        docstring); ``report=False`` (a wraparound pass) drops reports already made in the first."""
         url = shard["url"]
-        stream, cache_path = self._open(shard)
+        expected = shard["num_samples"]
+        mask = keep.mask(shard["offset"], expected) if keep is not None else None
+        mine = int(mask.sum()) if mask is not None else expected
+        if mine == 0:
+            return
+        try:
+            stream, cache_path, nbytes = self._open(shard)
+        except ManifestMismatchError as err:
+            if self.on_error == "raise":
+                raise
+            if report:
+                yield ErrorReport(url, None, f"{err}; whole shard skipped", mine)
+            return
+        if nbytes is not None and nbytes != shard["bytes"] and self.on_error == "skip":
+            stream.close()
+            if report:
+                yield ErrorReport(url, None, f"{nbytes} bytes, the manifest says {shard['bytes']}; whole shard skipped", mine)
+            return
         tee = _Tee(stream, cache_path) if cache_path else stream
         reader = HashingReader(tee)
-        count, key = 0, "<start of shard>"
+        count = used = 0
+        key = None
         try:
             try:
                 for key, fields in iter_tar(reader):
-                    if count == shard["num_samples"]:  # more samples than the manifest says
+                    if count == expected:  # more samples than the manifest says
                         count += 1
                         break
-                    if keep is None or keep[shard["offset"] + count]:
+                    if mask is None or mask[count]:
+                        used += 1
                         yield url, key, fields
                     count += 1
-            except (tarfile.TarError, EOFError) as err:
-                yield self._report(url, key, f"truncated or corrupt tar after this sample ({err}); rest of shard skipped")
+            except (tarfile.TarError, EOFError, ValueError, storage.StorageError) as err:
+                after = f"after sample {key!r}" if key is not None else "at its start"
+                item = self._report(url, None, f"truncated or corrupt tar {after} ({error_text(err)}); rest of shard lost", mine - used, shard_level=True)
+                if report:
+                    yield item
                 return
             reader.drain()
-            if reader.nbytes < shard["bytes"]:
-                yield self._report(url, key, f"truncated or corrupt tar: {reader.nbytes} of {shard['bytes']} bytes; rest of shard skipped")
-                return
             sha = reader.sha.hexdigest()
-            if count != shard["num_samples"] or sha != shard["sha256"]:
-                raise ManifestMismatchError(
-                    f"{url}: shard disagrees with the manifest: {count} samples, sha256 {sha[:12]}... "
-                    f"(manifest: {shard['num_samples']} samples, sha256 {shard['sha256'][:12]}...); rewrite the dataset"
+            if count != expected or reader.nbytes != shard["bytes"] or sha != shard["sha256"]:
+                item = self._report(
+                    url,
+                    None,
+                    f"shard disagrees with the manifest: {count} samples, {reader.nbytes} bytes, sha256 {sha[:12]}... "
+                    f"(manifest: {expected} samples, {shard['bytes']} bytes, sha256 {shard['sha256'][:12]}...); "
+                    f"{'its samples that decoded were used' if count <= expected else 'samples beyond the count dropped'}; rewrite the dataset",
+                    max(0, mine - used),
+                    shard_level=True,
                 )
+                if report:
+                    yield item
+                return
             if cache_path:
                 tee.publish()
         finally:
@@ -316,20 +424,19 @@ class ShardStream(IterableDataset):
             else:
                 stream.close()
 
-    def _report(self, shard: str, key: str, reason: str) -> ErrorReport:
-        report = ErrorReport(shard, key, reason)
+    def _report(self, shard: str, key: str | None, reason: str, samples: int = 1, *, shard_level: bool = False) -> ErrorReport:
+        report = ErrorReport(shard, key, reason, samples)
         if self.on_error == "raise":
-            raise DataError(str(report))
+            raise (ManifestMismatchError if shard_level else DataError)(str(report))
         return report
 
     def _decode(self, url: str, key: str, fields: dict) -> tuple[Any, int] | ErrorReport:
         ext = next((e for e in IMAGE_FIELDS if e in fields), None)
         if ext is None:
-            return self._report(url, key, f"no image field (has {sorted(fields)})")
-        try:
-            label = int(fields["cls"].decode().strip())
-        except (KeyError, ValueError, UnicodeDecodeError):
-            return self._report(url, key, f"missing or unreadable label {fields.get('cls')!r}")
+            return self._report(url, key, f"no image field {list(IMAGE_FIELDS)} (has {sorted(fields)})")
+        label = read_label(fields, self.label_key)
+        if isinstance(label, str):
+            return self._report(url, key, label)
         if not 0 <= label < self.num_classes:
             return self._report(url, key, f"label {label} outside [0, {self.num_classes})")
         if not self.decode:  # the bytes as stored, for a decoder downstream (on the GPU)
@@ -355,7 +462,7 @@ class ShardStream(IterableDataset):
             buffer: list = []
             good = 0
             for shard in shards:
-                for item in self._read_shard(shard, plan.keep):
+                for item in self._read_shard(shard, plan.keep, report=round_ == 0):
                     if isinstance(item, ErrorReport) or not self.train or self.shuffle_buffer <= 0:
                         good += not isinstance(item, ErrorReport)
                         yield item
@@ -385,6 +492,7 @@ class ShardStream(IterableDataset):
         labels: list[int] = []
         keys: list[str] = []
         produced = 0
+        reported: set[tuple[str, str]] = set()
         for item in self._samples(plan, slot, rounds=None if self.train else 1):
             if isinstance(item, ErrorReport):
                 yield item
@@ -392,7 +500,9 @@ class ShardStream(IterableDataset):
             url, key, fields = item
             decoded = self._decode(url, key, fields)
             if isinstance(decoded, ErrorReport):
-                yield decoded
+                if (url, key) not in reported:  # a wraparound pass meets it again: count it once
+                    reported.add((url, key))
+                    yield decoded
                 continue
             images.append(decoded[0])
             labels.append(decoded[1])
@@ -440,7 +550,9 @@ class ShardLoader:
     """Iterable of ``(images, labels)`` (or ``(images, labels, keys)``) batches for one rank.
 
     ``len()`` is this rank's batch count per epoch. ``set_epoch(e)`` picks the epoch's order.
-    ``errors`` lists the skipped samples of the last iteration (``ErrorReport``s).
+    ``errors`` lists what the last iteration skipped (``ErrorReport``s; ``on_error="skip"`` only),
+    ``skipped`` the samples lost with them. ``num_samples``: samples this rank yields per epoch;
+    ``split_samples``: the split's count in the manifest (all ranks together read it once in evaluation).
     """
 
     def __init__(self, dataset: ShardStream, *, num_workers: int, with_keys: bool, pin_memory: bool, prefetch_factor: int, manifest: dict, url: str):
@@ -452,6 +564,8 @@ class ShardLoader:
         self.manifest = manifest
         self.url = url
         self.errors: list[ErrorReport] = []
+        self.split_samples = int(manifest["splits"][dataset.split]["num_samples"])
+        self._yielded = 0
         plans = dataset.plans()
         self.num_samples = sum(p.quota if dataset.train else p.available for p in plans)
         bs = dataset.batch_size
@@ -467,7 +581,13 @@ class ShardLoader:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def skipped(self) -> int:
+        """Samples the last iteration skipped (bad samples, and the samples of skipped shard parts)."""
+        return sum(e.samples for e in self.errors)
+
     def _out(self, images: Any, labels: torch.Tensor, keys: list[str]) -> tuple:
+        self._yielded += len(labels)
         if isinstance(images, Encoded):
             images = images.unpack()
         return (images, labels, keys) if self.with_keys else (images, labels)
@@ -486,12 +606,13 @@ class ShardLoader:
             generator=generator,  # seeds the workers' torch RNG: augmentation repeats with (seed, epoch, rank)
         )
         self.errors = []
+        self._yielded = 0
         parts: list[_Batch] = []
         pending = 0
         for item in loader:
             if isinstance(item, ErrorReport):
                 self.errors.append(item)
-                warnings.warn(f"skipped bad sample: {item}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"skipped {item.samples} sample(s): {item}", RuntimeWarning, stacklevel=2)
                 continue
             if item.full:
                 yield self._out(item.images, item.labels, item.keys)
@@ -503,6 +624,8 @@ class ShardLoader:
                 pending = sum(len(p.keys) for p in parts)
         if parts and not ds.train:
             yield from self._merge(parts, None)
+        if not ds.train and self._yielded != self.num_samples:  # evaluation: each of this rank's samples exactly once
+            raise DataError(f"{self.url}: rank {ds.rank} read {self._yielded} samples of split {ds.split!r}, planned {self.num_samples}")
 
     def _merge(self, parts: list[_Batch], bs: int | None) -> Iterator[tuple]:
         """Yield one batch of ``bs`` (all, if None) from the front of ``parts``; keep the rest there."""
@@ -540,10 +663,10 @@ def make_loader(
     shuffle: bool | None = None,
     shuffle_buffer: int = 1000,
     cache_dir: str | None = None,
-    on_error: str = "warn",
+    on_error: str = "raise",
     with_keys: bool = False,
     split_by: str = "auto",
-    check_shards: bool = True,
+    check_shards: bool = False,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
     client_factory: Callable[[], Any] | None = None,
@@ -560,7 +683,9 @@ def make_loader(
     boto3 client in each worker (default ``storage.make_s3_client``). ``decode=False``: images are a
     list of 1-D uint8 tensors, the encoded bytes as stored (``transform`` must be None); decode them
     with ``pipelines.make_batch_transform``. ``pin_memory``: page-locked batches, for non-blocking
-    copies to the GPU.
+    copies to the GPU. ``on_error``: ``"raise"`` (default) or ``"skip"`` bad samples and shards,
+    counted in ``loader.errors``/``loader.skipped`` (training only: evaluation always raises).
+    ``check_shards``: stat/HEAD every shard now rather than fail at the first read of a missing one.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; valid: {list(ON_ERROR)}")
@@ -581,6 +706,8 @@ def make_loader(
     if check_shards:
         _check_shards(shards, client)
     train = split == "train" if shuffle is None else shuffle
+    if not train:
+        on_error = "raise"  # an evaluation that skipped samples would report a wrong error rate
     total = manifest["splits"][split]["num_samples"]
     if train and total // world_size < batch_size:
         raise ValueError(f"{url}: split {split!r} has {total} samples, fewer than batch_size {batch_size} per rank x {world_size} ranks")

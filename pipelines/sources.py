@@ -6,10 +6,12 @@ paths until the writer reaches it.
 
 Spec strings (``--source``):
   digits                              scikit-learn's bundled 8x8 digits, upscaled to 32x32 RGB PNG;
-                                      fixed stratified 70/15/15 train/val/test split (seed 0)
+                                      fixed stratified 70/15/15 train/val/test split (seed 0), and
+                                      trainval = train + val
   cifar10:PATH, cifar100:PATH         the official python archive (cifar-10-python.tar.gz) or its
                                       extracted folder; train = first 45,000, val = last 5,000 of
-                                      the training batches (He et al. 2015, sec. 4.2), test = test batch
+                                      the training batches (He et al. 2015, sec. 4.2), trainval =
+                                      all 50,000 training images, test = test batch
   imagefolder:PATH                    PATH/train/<class>/*, PATH/val/<class>/* (and PATH/test/ if
                                       present); JPEG and PNG bytes kept as they are
   synthetic:k=v,...                   generated images: classes=10,size=64 (or size=64-128),
@@ -94,10 +96,9 @@ def digits_split_indices(labels: np.ndarray, seed: int = 0) -> dict[str, np.ndar
 
 def digits_source(size: int = 32, seed: int = 0) -> Source:
     pixels, labels = digits_pixels(size)
-    splits = {
-        name: [_array_record(f"digits_{i:04d}", int(labels[i]), pixels[i], "png") for i in idx]
-        for name, idx in digits_split_indices(labels, seed).items()
-    }
+    indices = digits_split_indices(labels, seed)
+    indices["trainval"] = np.sort(np.concatenate([indices["train"], indices["val"]]))  # the final fit after model selection
+    splits = {name: [_array_record(f"digits_{i:04d}", int(labels[i]), pixels[i], "png") for i in idx] for name, idx in indices.items()}
     return Source("digits", [str(d) for d in range(10)], splits, (size, size))
 
 
@@ -151,6 +152,7 @@ def cifar_source(path: str, kind: str = "cifar10") -> Source:
     parts = {
         "train": (train_x[:cut], train_y[:cut], 0),
         "val": (train_x[cut:], train_y[cut:], cut),
+        "trainval": (train_x, train_y, 0),  # all training images: the final fit after model selection
         "test": (test_x, test_y, 0),
     }
     splits = {

@@ -3,6 +3,17 @@
 A URL is either a local path (``/data/digits``) or ``s3://bucket/prefix``. S3 goes through boto3,
 so ``AWS_ENDPOINT_URL`` and the usual credential chain apply. Clients are created by the caller
 (``make_s3_client``) and passed in; nothing here keeps a client in a module global.
+
+S3-compatible stores (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` not on amazonaws.com): recent
+boto3 and pyarrow upload with aws-chunked encoding and a CRC trailer, which some stores save inside
+the object. ``make_s3_client`` then computes checksums only when an operation requires them and
+uses path-style addresses; ``s3_compat_env()`` gives the environment that makes other processes
+(Ray workers, jobs, pyarrow) do the same.
+
+Outages: every S3 call here is retried with capped exponential backoff for up to
+``RETRY_SECONDS`` (60 s; env ``PIPELINES_S3_RETRY_SECONDS``) on connection errors, timeouts, 5xx and
+throttling, on top of botocore's own few quick attempts; a shard being streamed resumes where it
+stopped with a ranged GET (``RetryingS3Reader``).
 """
 
 from __future__ import annotations
@@ -10,7 +21,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import IO, Any
+import time
+import warnings
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
+from urllib.parse import urlparse
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -19,7 +34,9 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectionClosedError,
+    ConnectTimeoutError,
     EndpointConnectionError,
+    IncompleteReadError,
     NoCredentialsError,
     ReadTimeoutError,
     ResponseStreamingError,
@@ -27,8 +44,13 @@ from botocore.exceptions import (
 
 # Transient errors met while a response body is being read; the request-level retries of botocore
 # do not cover these, so RetryingS3Reader re-opens the object at the current offset.
-_STREAM_ERRORS = (ResponseStreamingError, ReadTimeoutError, ConnectionClosedError, ConnectionError, OSError)
+_STREAM_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError, ConnectionError, OSError)
+# Transient errors of a whole request, once botocore's own attempts are spent (a server that is down).
+_TRANSIENT = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError, ResponseStreamingError)
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
 _CHUNK = 1 << 20
+RETRY_SECONDS = float(os.environ.get("PIPELINES_S3_RETRY_SECONDS", "60"))
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
@@ -56,15 +78,77 @@ def join(base: str, name: str) -> str:
     return os.path.join(base, name)
 
 
-def make_s3_client(max_attempts: int = 8, max_pool_connections: int = 16) -> Any:
-    """A boto3 S3 client with botocore's standard retry mode (throttling, 5xx, connection errors)."""
+def s3_endpoint() -> str | None:
+    """The S3 endpoint boto3 will use from the environment (``AWS_ENDPOINT_URL_S3`` wins), or None."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def is_aws_endpoint(endpoint: str | None) -> bool:
+    """True for AWS itself: no endpoint override, or a host under amazonaws.com(.cn)."""
+    if not endpoint:
+        return True
+    host = (urlparse(endpoint if "://" in endpoint else f"https://{endpoint}").hostname or "").lower()
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn")) or host in ("amazonaws.com", "amazonaws.com.cn")
+
+
+def s3_compat_env(endpoint: str | None = None) -> dict[str, str]:
+    """Environment settings (no secrets) that make boto3 and pyarrow in another process talk to the
+    configured S3 endpoint as ``make_s3_client`` does: empty for AWS itself, else checksums only when
+    an operation requires them (no aws-chunked uploads with a CRC trailer, which some S3-compatible
+    stores keep inside the object: issue 12)."""
+    endpoint = endpoint if endpoint is not None else s3_endpoint()
+    if is_aws_endpoint(endpoint):
+        return {}
+    return {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+
+
+def make_s3_client(max_attempts: int = 4, max_pool_connections: int = 16, *, connect_timeout: float = 5, read_timeout: float = 60) -> Any:
+    """A boto3 S3 client: botocore's standard retry mode (throttling, 5xx, connection errors) for
+    quick blips (longer outages are retried by the functions here, see the module docstring); for a
+    non-AWS ``AWS_ENDPOINT_URL`` also checksums only when required and path-style addressing."""
+    extra: dict[str, Any] = {}
+    if not is_aws_endpoint(s3_endpoint()):
+        extra = {
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+            "s3": {"addressing_style": "path"},
+        }
     config = Config(
         retries={"max_attempts": max_attempts, "mode": "standard"},
         max_pool_connections=max_pool_connections,
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        **extra,
     )
     return boto3.client("s3", config=config)
+
+
+def is_transient(err: BaseException) -> bool:
+    """An S3 error worth retrying: the server unreachable or overloaded, not a wrong name or key."""
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return code in _TRANSIENT_CODES or status >= 500 or code.isdigit() and int(code) >= 500
+    return isinstance(err, _TRANSIENT)
+
+
+def with_retries(call: Callable[[], T], url: str, *, seconds: float | None = None, sleep: Callable[[float], None] = time.sleep) -> T:
+    """``call()``, retried on transient S3 errors with backoff 0.5, 1, 2, 4, 5, 5 ... s until
+    ``seconds`` (default ``RETRY_SECONDS``) have passed; then the last error propagates."""
+    budget = RETRY_SECONDS if seconds is None else seconds
+    deadline = time.monotonic() + budget
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except (ClientError, BotoCoreError) as err:
+            delay = min(0.5 * 2**attempt, 5.0)
+            if not is_transient(err) or time.monotonic() + delay > deadline:
+                raise
+            if attempt == 0:
+                warnings.warn(f"{url}: S3 unavailable ({str(err).splitlines()[0][:160]}); retrying for up to {budget:.0f} s", RuntimeWarning, stacklevel=2)
+            sleep(delay)
+            attempt += 1
 
 
 def transfer_config(concurrency: int = 4) -> TransferConfig:
@@ -104,8 +188,9 @@ def read_bytes(url: str, client: Any | None = None) -> bytes:
         except OSError as err:
             raise StorageError(f"{url}: {err.strerror}") from err
     bucket, key = split_s3(url)
+    c = _client(client)
     try:
-        return _client(client).get_object(Bucket=bucket, Key=key)["Body"].read()
+        return with_retries(lambda: c.get_object(Bucket=bucket, Key=key)["Body"].read(), url)
     except (ClientError, BotoCoreError) as err:
         raise _describe(url, err) from err
 
@@ -114,7 +199,7 @@ def bucket_exists_check(url: str, client: Any) -> None:
     """Raise a StorageError naming ``url`` if its bucket is missing or unreadable."""
     bucket, _ = split_s3(url)
     try:
-        client.head_bucket(Bucket=bucket)
+        with_retries(lambda: client.head_bucket(Bucket=bucket), url)
     except ClientError as err:
         code = err.response.get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchBucket"):
@@ -129,8 +214,9 @@ def size(url: str, client: Any | None = None) -> int | None:
     if not is_s3(url):
         return os.path.getsize(url) if os.path.isfile(url) else None
     bucket, key = split_s3(url)
+    c = _client(client)
     try:
-        return _client(client).head_object(Bucket=bucket, Key=key)["ContentLength"]
+        return with_retries(lambda: c.head_object(Bucket=bucket, Key=key), url)["ContentLength"]
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None
@@ -147,11 +233,14 @@ def stored_sha256(url: str, client: Any | None = None) -> str | None:
     if not is_s3(url):
         return file_sha256(url) if os.path.isfile(url) else None
     bucket, key = split_s3(url)
+    c = _client(client)
     try:
-        head = _client(client).head_object(Bucket=bucket, Key=key)
+        head = with_retries(lambda: c.head_object(Bucket=bucket, Key=key), url)
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None
+        raise _describe(url, err) from err
+    except BotoCoreError as err:
         raise _describe(url, err) from err
     return head.get("Metadata", {}).get("sha256")
 
@@ -189,8 +278,9 @@ def publish_file(path: str, url: str, client: Any | None = None, *, sha256: str 
         return
     bucket, key = split_s3(url)
     extra = {"Metadata": {"sha256": sha256}} if sha256 else {}
+    c = _client(client)
     try:
-        _client(client).upload_file(path, bucket, key, ExtraArgs=extra, Config=transfer_config(concurrency))
+        with_retries(lambda: _upload(c, path, bucket, key, extra, concurrency), url)
     except (ClientError, BotoCoreError) as err:
         raise _describe(url, err) from err
     except Exception as err:  # boto3's S3UploadFailedError wraps the ClientError
@@ -200,12 +290,25 @@ def publish_file(path: str, url: str, client: Any | None = None, *, sha256: str 
             os.remove(path)
 
 
+def _upload(client: Any, path: str, bucket: str, key: str, extra: dict, concurrency: int) -> None:
+    from boto3.exceptions import S3UploadFailedError
+
+    try:
+        client.upload_file(path, bucket, key, ExtraArgs=extra, Config=transfer_config(concurrency))
+    except S3UploadFailedError as err:  # s3transfer wraps the botocore error; unwrap it so it can be retried
+        cause = err.__context__ or err.__cause__
+        if isinstance(cause, (ClientError, BotoCoreError)):
+            raise cause from err
+        raise
+
+
 def write_bytes(url: str, data: bytes, client: Any | None = None) -> None:
     """Write a small object (the manifest) atomically."""
     if is_s3(url):
         bucket, key = split_s3(url)
+        c = _client(client)
         try:
-            _client(client).put_object(Bucket=bucket, Key=key, Body=data)
+            with_retries(lambda: c.put_object(Bucket=bucket, Key=key, Body=data), url)
         except (ClientError, BotoCoreError) as err:
             raise _describe(url, err) from err
         return
@@ -218,35 +321,57 @@ def write_bytes(url: str, data: bytes, client: Any | None = None) -> None:
 
 class RetryingS3Reader:
     """A read-only stream over an S3 object: ``get_object()["Body"]`` read in order, never downloaded
-    first. A transient error mid-body re-opens the object with ``Range`` at the current offset."""
+    first. A transient error mid-body re-opens the object with ``Range: bytes=N-`` at the offset
+    reached, retrying (with ``with_retries``' backoff) for up to ``seconds``; an object that changed
+    meanwhile (another ETag) is an error rather than a splice of two versions.
 
-    def __init__(self, url: str, client: Any, attempts: int = 5):
+    ``size`` is the object's length (from the first response); ``resumes`` counts the ranged re-opens.
+    """
+
+    def __init__(self, url: str, client: Any, seconds: float | None = None):
         self.url = url
         self.bucket, self.key = split_s3(url)
         self.client = client
-        self.attempts = attempts
+        self.seconds = RETRY_SECONDS if seconds is None else seconds
         self.pos = 0
+        self.resumes = 0
+        self.etag: str | None = None
+        self.size: int | None = None
         self.body = self._open()
 
     def _open(self) -> Any:
         extra = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        if self.etag and self.pos:
+            extra["IfMatch"] = self.etag
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.key, **extra)["Body"]
+            response = with_retries(lambda: self.client.get_object(Bucket=self.bucket, Key=self.key, **extra), self.url, seconds=self.seconds)
         except (ClientError, BotoCoreError) as err:
+            if isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise StorageError(f"{self.url}: object changed while it was being read (at byte {self.pos})") from err
             raise _describe(self.url, err) from err
+        if self.etag is None:
+            self.etag = response.get("ETag")
+            self.size = response.get("ContentLength")
+        return response["Body"]
 
     def read(self, n: int = -1) -> bytes:
-        for attempt in range(self.attempts):
+        deadline = time.monotonic() + self.seconds
+        while True:
             try:
                 data = self.body.read(n if n is not None and n >= 0 else None)
                 self.pos += len(data)
                 return data
             except _STREAM_ERRORS as err:
-                if attempt == self.attempts - 1:
-                    raise StorageError(f"{self.url}: read failed at byte {self.pos} after {self.attempts} attempts ({err})") from err
+                if time.monotonic() > deadline:
+                    raise StorageError(f"{self.url}: read failed at byte {self.pos} for {self.seconds:.0f} s ({err})") from err
                 self.body.close()
-                self.body = self._open()
-        raise AssertionError("unreachable")
+                self.resumes += 1
+                self.body = self._open()  # Range: bytes=pos-; retries while the server is unreachable
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
     def close(self) -> None:
         self.body.close()

@@ -25,6 +25,7 @@ from pipelines import storage
 from pipelines.format import FORMAT, MANIFEST, member_bytes, tar_bytes, write_tar
 from pipelines.sources import Source, parse_source
 
+TRAINING_SPLITS = ("train", "trainval")  # shuffled before sharding
 # -- writing --------------------------------------------------------------------------------------
 
 
@@ -83,8 +84,8 @@ def write_shards(
 ) -> dict:
     """Write ``source`` as shards under ``out`` (a folder or ``s3://bucket/prefix``); return the manifest.
 
-    The train split is shuffled once with ``seed`` before sharding, so every shard holds a mix of
-    classes (the reader's shuffle buffer is small). Mean/std come from the first ``stats_limit``
+    The training splits (``TRAINING_SPLITS``) are shuffled once with ``seed`` before sharding, so
+    every shard holds a mix of classes (the reader's shuffle buffer is small). Mean/std come from the first ``stats_limit``
     train images. Shards whose stored sha256 matches are not written again.
     """
     if isinstance(source, str):
@@ -107,7 +108,7 @@ def write_shards(
     with ThreadPoolExecutor(max_workers=upload_workers) as pool:
         for split in names:
             records = list(source.splits[split])
-            if split == "train":
+            if split in TRAINING_SPLITS:
                 order = np.random.default_rng(seed).permutation(len(records))
                 records = [records[i] for i in order]
             entries: list[dict] = []

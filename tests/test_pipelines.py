@@ -86,8 +86,10 @@ def test_digits_manifest_counts_checksums_and_stats(digits_local):
     m = read_manifest(digits_local)
     pixels, labels = digits_pixels()
     split = digits_split_indices(labels)
+    trainval = m["splits"].pop("trainval")  # train + val, for the final fit (issue 16)
     assert {k: v["num_samples"] for k, v in m["splits"].items()} == {k: len(v) for k, v in split.items()}
     assert sum(v["num_samples"] for v in m["splits"].values()) == 1797
+    assert trainval["num_samples"] == len(split["train"]) + len(split["val"])
     assert m["classes"] == [str(d) for d in range(10)] and m["image_size"] == [32, 32]
     for shard in m["splits"]["train"]["shards"]:
         with open(shard["url"], "rb") as f:
@@ -112,7 +114,7 @@ def test_cli_help_bad_source_and_idempotent_rerun(digits_s3):
     before = read_manifest(digits_s3)
     rerun = cli("write", "--source", "digits", "--out", digits_s3, "--shard-size", "200", "--quiet")
     assert rerun.returncode == 0, rerun.stderr
-    assert "11 shard(s) already up to date" in rerun.stderr
+    assert "19 shard(s) already up to date" in rerun.stderr  # 7 train, 2 val, 2 test, 8 trainval
     assert read_manifest(digits_s3) == before
 
 
@@ -140,7 +142,8 @@ def test_cifar_archive_split_and_pixels(tmp_path):
         for name, data in batches.items():
             add(name, {b"data": data, b"labels": [i % 10 for i in range(20)]})
     src = parse_source(f"cifar10:{archive}")
-    assert {k: len(v) for k, v in src.splits.items()} == {"train": 90, "val": 10, "test": 20}
+    assert {k: len(v) for k, v in src.splits.items()} == {"train": 90, "val": 10, "trainval": 100, "test": 20}
+    assert [r.key for r in src.splits["trainval"]] == [r.key for r in src.splits["train"] + src.splits["val"]]
     # val is the tail of the training batches; the image is the CHW row reshaped to HWC
     _, ext, pixels = src.splits["val"][-1].load()
     assert ext == "png"
@@ -236,43 +239,45 @@ def test_corrupt_image_is_counted_skipped_and_named(tmp_path, no_hang):
     with tarfile.open(os.path.join(out, "val-000000.tar")) as tar:
         assert tar.extractfile("cat/img0.jpg").read() == (tmp_path / "src/val/cat/img0.jpg").read_bytes()
     t = make_transform("cifar", False, mean=m["mean"], std=m["std"], size=16)
-    loader = make_loader(out, "train", 5, num_workers=0, shuffle=False, transform=t, with_keys=True)
-    with pytest.warns(RuntimeWarning, match=r"train-\d{6}\.tar: sample 'dog/broken': corrupt png"):
-        keys = [k for _, _, batch in loader for k in batch]
-    assert len(keys) == 24 and "dog/broken" not in keys
-    assert len(loader.errors) == 1 and loader.errors[0].key == "dog/broken"
-    # training keeps the promised batch count by filling from the wraparound, with workers too
-    train = make_loader(out, "train", 5, num_workers=2, transform=t)
+    # evaluation never skips: the error names shard and sample, even under on_error="skip"
+    loader = make_loader(out, "train", 5, num_workers=0, shuffle=False, transform=t, with_keys=True, on_error="skip")
+    with pytest.raises(DataError, match=r"train-\d{6}\.tar: sample 'dog/broken': corrupt png"):
+        list(loader)
+    # training under on_error="skip" keeps the promised batch count by filling from the wraparound, with workers too
+    train = make_loader(out, "train", 5, num_workers=2, transform=t, on_error="skip")
     with pytest.warns(RuntimeWarning, match="dog/broken"):
         assert sum(1 for _ in train) == len(train) == 25 // 5
-    with pytest.raises(DataError, match="dog/broken"):
-        list(make_loader(out, "train", 5, num_workers=0, transform=t, on_error="raise"))
+    assert [(e.key, e.samples) for e in train.errors] == [("dog/broken", 1)] and train.skipped == 1
+    with pytest.raises(DataError, match="dog/broken"):  # the default
+        list(make_loader(out, "train", 5, num_workers=0, transform=t))
 
 
-def test_out_of_range_label_is_skipped(tmp_path):
+def test_out_of_range_label_is_an_error_or_skipped(tmp_path):
     pixels = np.zeros((8, 8, 3), np.uint8)
     records = [Record(f"s{i}", 7 if i == 3 else i % 2, lambda: (encode(pixels, "png"), "png", pixels)) for i in range(6)]
-    write_shards(Source("tiny", ["a", "b"], {"val": records}, (8, 8)), str(tmp_path), progress=False)
-    loader = make_loader(str(tmp_path), "val", 4, num_workers=0, with_keys=True)
+    write_shards(Source("tiny", ["a", "b"], {"train": records}, (8, 8)), str(tmp_path), progress=False)
+    with pytest.raises(DataError, match=r"sample 's3': label 7 outside \[0, 2\)"):
+        list(make_loader(str(tmp_path), "train", 4, num_workers=0, shuffle=False))
+    loader = make_loader(str(tmp_path), "train", 1, num_workers=0, with_keys=True, on_error="skip", shuffle_buffer=0)
     with pytest.warns(RuntimeWarning, match=r"sample 's3': label 7 outside \[0, 2\)"):
         keys = [k for *_, batch in loader for k in batch]
-    assert sorted(keys) == ["s0", "s1", "s2", "s4", "s5"]
+    assert len(keys) == 6 and set(keys) == {"s0", "s1", "s2", "s4", "s5"} and loader.skipped == 1
 
 
-def test_truncated_tar_warns_with_shard_and_does_not_hang(tmp_path, no_hang):
+def test_truncated_tar_names_shard_and_does_not_hang(tmp_path, no_hang):
     url = str(tmp_path)
     m = write_shards("synthetic:classes=2,size=16,train=40,val=0,format=png", url, shard_size=10, progress=False)
     victim = os.path.join(url, m["splits"]["train"]["shards"][1]["url"])
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2 + 100)
     loader = make_loader(url, "train", 5, num_workers=2, shuffle=False, with_keys=True)
-    with pytest.warns(RuntimeWarning, match=r"train-000001\.tar: sample 'train_\d+': truncated or corrupt tar"):
-        keys = [k for *_, batch in loader for k in batch]
-    assert 30 <= len(keys) < 40 and len(set(keys)) == len(keys)
-    # training still yields the promised batches, filling the lost samples from the wraparound
-    train = make_loader(url, "train", 5, num_workers=2)
-    with pytest.warns(RuntimeWarning, match="train-000001.tar"):
+    with pytest.raises(ManifestMismatchError, match=r"train-000001\.tar: shard disagrees with the manifest: 6 samples"):
+        list(loader)
+    # under skip, training yields the promised batches, filling the lost shard from the wraparound
+    train = make_loader(url, "train", 5, num_workers=2, on_error="skip")
+    with pytest.warns(RuntimeWarning, match=r"train-000001\.tar: \d+ bytes, the manifest says \d+; whole shard skipped"):
         assert sum(1 for _ in train) == len(train) == 8
+    assert train.skipped == 10
 
 
 def test_checksum_mismatch_names_the_shard(digits_local, tmp_path):
@@ -289,7 +294,9 @@ def test_missing_shard_manifest_and_bucket_name_the_url(digits_local, tmp_path, 
     shutil.copytree(digits_local, url)
     os.remove(os.path.join(url, "val-000001.tar"))
     with pytest.raises(ManifestMismatchError, match=r"val-000001\.tar: shard listed in the manifest does not exist"):
-        make_loader(url, "val", 8)
+        make_loader(url, "val", 8, check_shards=True)  # up front, when asked (once per job in a driver)
+    with pytest.raises(ManifestMismatchError, match=r"val-000001\.tar: shard listed in the manifest cannot be read"):
+        list(make_loader(url, "val", 8, num_workers=0))  # else at the first read
     with pytest.raises(StorageError, match="nowhere/manifest.json"):
         read_manifest(str(tmp_path / "nowhere"))
     with pytest.raises(StorageError, match=r"s3://no-such-bucket/data/manifest.json: bucket 'no-such-bucket' does not exist"):
@@ -311,7 +318,7 @@ def test_s3_cache_serves_shards_once_fetched(s3_endpoint, make_bucket, tmp_path,
     s3 = boto3.client("s3")
     for shard in m["splits"]["val"]["shards"]:
         s3.delete_object(Bucket=bucket, Key=f"syn/{shard['url']}")
-    again = [k for *_, b in make_loader(url, "val", 10, num_workers=2, cache_dir=cache, with_keys=True, check_shards=False) for k in b]
+    again = [k for *_, b in make_loader(url, "val", 10, num_workers=2, cache_dir=cache, with_keys=True) for k in b]
     assert again == first and len(first) == 30
 
 
@@ -326,7 +333,7 @@ MEAN, STD = [0.3, 0.3, 0.3], [0.3, 0.3, 0.3]
         ("imagenet", True, "center", (3, 32, 32)),
         ("imagenet", False, "center", (3, 32, 32)),
         ("imagenet", False, "ten_crop", (10, 3, 32, 32)),
-        ("imagenet", False, "multi_scale", [(3, 24, 24), (3, 32, 32), (3, 40, 40)]),
+        ("imagenet", False, "multi_scale_center", [(3, 24, 24), (3, 32, 32), (3, 40, 40)]),
         ("cifar", True, "center", (3, 32, 32)),
         ("cifar", False, "center", (3, 32, 32)),
     ],
@@ -358,7 +365,7 @@ def test_unknown_protocol_and_kind_name_the_valid_ones():
         make_transform("mnist", False, mean=MEAN, std=STD)
 
 
-@pytest.mark.parametrize(("protocol", "shapes"), [("ten_crop", [(8, 10, 3, 24, 24)]), ("multi_scale", [(8, 3, 24, 24), (8, 3, 32, 32), (8, 3, 40, 40)])])
+@pytest.mark.parametrize(("protocol", "shapes"), [("ten_crop", [(8, 10, 3, 24, 24)]), ("multi_scale_center", [(8, 3, 24, 24), (8, 3, 32, 32), (8, 3, 40, 40)])])
 def test_loader_batches_test_protocols(digits_local, protocol, shapes):
     m = read_manifest(digits_local)
     t = make_transform("imagenet", False, mean=m["mean"], std=m["std"], size=24, resize=32, protocol=protocol, scales=(24, 32, 40))
@@ -375,4 +382,5 @@ def test_manifest_json_is_what_the_shards_say(digits_local):
     with tarfile.open(os.path.join(digits_local, name)) as tar:
         names = tar.getnames()
     assert len(names) == 2 * raw["splits"]["test"]["shards"][0]["num_samples"]
-    assert names[0].endswith(".png") and names[1].endswith(".cls")
+    assert {names[0].rsplit(".", 1)[1], names[1].rsplit(".", 1)[1]} == {"png", "cls"}  # one sample's two members
+    assert names[0].rsplit(".", 1)[0] == names[1].rsplit(".", 1)[0]
