@@ -90,8 +90,8 @@ def _score_slice(source: dict, data_url: str, split: str, rank: int, world: int,
         labels.append(y.numpy())
         keys.extend(k)
     if not keys:
-        return [], np.zeros(0, np.int64), None
-    return keys, np.concatenate(labels), np.concatenate(probs, axis=1)
+        return [], np.zeros(0, np.int64), None, loader.split_samples
+    return keys, np.concatenate(labels), np.concatenate(probs, axis=1), loader.split_samples
 
 
 def score_split(source: dict, data_url: str, split: str, spec: dict, *, batch_size: int = 128, tasks: int = 0) -> Scores:
@@ -104,7 +104,9 @@ def score_split(source: dict, data_url: str, split: str, spec: dict, *, batch_si
     ref = ray.put(source)
     futures = [_score_slice.remote(ref, data_url, split, r, world, spec, batch_size) for r in range(world)]
     keys, labels, probs = [], [], []
-    for k, y, p in ray.get(futures):
+    expected = set()
+    for k, y, p, listed in ray.get(futures):  # listed: the manifest's count for the split
+        expected.add(listed)
         if k:
             keys.extend(k)
             labels.append(y)
@@ -114,6 +116,8 @@ def score_split(source: dict, data_url: str, split: str, spec: dict, *, batch_si
     order = np.argsort(np.asarray(keys), kind="stable")
     if len(set(keys)) != len(keys):
         raise EvaluationError(f"split {split!r} of {data_url}: some samples were read twice")
+    if expected != {len(keys)}:  # exactly once: every sample the manifest lists was scored
+        raise EvaluationError(f"split {split!r} of {data_url}: scored {len(keys)} samples but the manifest lists {sorted(expected)}")
     return Scores(
         [keys[i] for i in order], np.concatenate(labels)[order], np.concatenate(probs, axis=1)[:, order]
     )

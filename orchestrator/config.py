@@ -44,6 +44,9 @@ class DataConfig:
     decode_on: str = "cpu"
     shuffle_buffer: int = 1000
     cache_dir: str = ""  # local shard cache for S3 ("" = stream without caching)
+    # bad shards/samples in training: "raise" (an error naming shard and sample) or "skip" (counted,
+    # logged as the metric skipped_samples and in the epoch line); evaluation always raises
+    on_error: str = "raise"
     train_split: str = "train"
     val_split: str = "val"
 
@@ -120,6 +123,7 @@ class TrainConfig:
 CHOICES = {
     "data.kind": ("cifar", "imagenet"),
     "data.decode_on": ("cpu", "gpu"),
+    "data.on_error": ("raise", "skip"),
     "schedule.kind": ("step", "plateau", "cosine"),
     "schedule.milestone_unit": ("epoch", "iter"),
 }

@@ -72,6 +72,11 @@ def evaluate(model: torch.nn.Module, loader, device) -> dict:
         a, b = correct_topk(probs, labels)
         c1, c5, n = c1 + a, c5 + b, n + len(labels)
     loss_sum, c1, c5, n = all_reduce_sum([loss_sum, c1, c5, n], device)
+    # Exactly once: the ranks together scored every sample the manifest lists (a skipped or doubled
+    # sample would change the denominator silently). `Transformed` wraps the ShardLoader.
+    expected = getattr(getattr(loader, "loader", loader), "split_samples", None)
+    if expected is not None and int(n) != expected:
+        raise pipelines.DataError(f"evaluation scored {int(n)} samples but the manifest lists {expected} for this split")
     n = max(n, 1.0)
     return {"loss": loss_sum / n, "top1_err": 100 * (1 - c1 / n), "top5_err": 100 * (1 - c5 / n), "n": int(n)}
 
@@ -236,7 +241,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # DDP's gradient all-reduce never waits on a rank that ran out of data.
         loader = pipelines.make_loader(
             cfg.data.url, cfg.data.train_split, d["per_worker_batch"], epoch=epoch, transform=train_tf,
-            shuffle=True, shuffle_buffer=cfg.data.shuffle_buffer, **loader_args,
+            shuffle=True, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error, **loader_args,
         )
         if gpu_decode:
             aug_rng.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + rank)
@@ -285,6 +290,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss_sum, correct, seen, worker_rate_sum = all_reduce_sum(
             [loss_sum, correct, seen, seen / max(elapsed, 1e-9)], device
         )
+        skipped = all_reduce_sum([float(getattr(loader, "loader", loader).skipped)], device)[0]  # data.on_error=skip
         val = evaluate(bare, val_loader, device)
         if cfg.schedule.kind == "plateau":  # /10 when val error has not improved for `patience` epochs
             if val["top1_err"] < plateau["best"] - 1e-6:
@@ -303,6 +309,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "lr": lr,
             "images_per_sec": seen / max(elapsed, 1e-9),
             "images_per_sec_per_worker": worker_rate_sum / world,
+            "skipped_samples": skipped,
         }
         history.append({"epoch": epoch, "step": step, **metrics})
 
@@ -344,7 +351,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(
                 f"[{loop_config.get('name', cfg.model.name)}] epoch {epoch + 1}/{cfg.schedule.epochs}  loss {metrics['train_loss']:.3f}  "
                 f"train err {metrics['train_top1_err']:.2f}%  val err {val['top1_err']:.2f}% "
-                f"(top-5 {val['top5_err']:.2f}%)  lr {lr:.4g}  {metrics['images_per_sec']:.0f} img/s",
+                f"(top-5 {val['top5_err']:.2f}%)  lr {lr:.4g}  {metrics['images_per_sec']:.0f} img/s"
+                f"{f'  skipped {skipped:.0f} bad samples' if cfg.data.on_error == 'skip' else ''}",
                 flush=True,
             )
 
