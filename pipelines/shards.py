@@ -1,7 +1,9 @@
-"""CLI: ``python -m pipelines.shards write|info``; see ``--help``.
+"""CLI: ``python -m pipelines.shards write|index|info``; see ``--help``.
 
     python -m pipelines.shards write --source digits --out data/digits --shard-size 200
     python -m pipelines.shards write --source cifar10:cifar-10-python.tar.gz --out s3://bucket/cifar10
+    python -m pipelines.shards index --split train='s3://b/imagenet/train-{000000..001281}.tar' \
+        --split val='s3://b/imagenet/val-{000000..000049}.tar' --out s3://b/imagenet-index
     python -m pipelines.shards info data/digits
 """
 
@@ -13,7 +15,7 @@ import sys
 from pipelines import storage
 from pipelines.format import read_manifest
 from pipelines.sources import parse_source
-from pipelines.writer import write_shards
+from pipelines.writer import index_shards, write_shards
 
 # -- CLI ------------------------------------------------------------------------------------------
 
@@ -61,6 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--upload-workers", type=int, default=4, help="shards written/uploaded at once (default 4)")
     write.add_argument("--stats-limit", type=int, default=50_000, help="train images used for mean/std (default 50000)")
     write.add_argument("--quiet", action="store_true", help="no progress bar")
+    index = sub.add_parser(
+        "index",
+        help="write the manifest for existing WebDataset shards (e.g. made by webdataset.ShardWriter)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Scan existing WebDataset shards (local or S3) in parallel and write manifest.json to --out, so\n"
+            "make_loader and training read them where they are, unchanged. Samples need an image\n"
+            "(jpg, jpeg, png or webp) and a label: cls (an integer as text), or a field of json.\n\n"
+            "examples:\n"
+            "  python -m pipelines.shards index --split train='/data/wds/train-{000000..000009}.tar' \\\n"
+            "      --split val='/data/wds/val-{000000..000001}.tar' --out /data/wds\n"
+            "  python -m pipelines.shards index --split train='s3://b/imagenet/train-{000000..001281}.tar' \\\n"
+            "      --split val='s3://b/imagenet/val-{000000..000049}.tar' --label-key json:label --out s3://b/imagenet-index"
+        ),
+    )
+    index.add_argument("--split", action="append", required=True, metavar="NAME=PATTERN", help="a split and its brace pattern of shards (repeat per split)")
+    index.add_argument("--out", required=True, help="folder or s3://bucket/prefix for manifest.json (shards elsewhere are listed by absolute URL)")
+    index.add_argument("--label-key", default="cls", help="where the label is: cls (default) or json:FIELD")
+    index.add_argument("--classes", default=None, metavar="FILE", help="class names, one per line in label order (default: 0..max label)")
+    index.add_argument("--workers", type=int, default=8, help="shards scanned at once (default 8)")
+    index.add_argument("--stats-limit", type=int, default=50_000, help="train images used for mean/std (default 50000)")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
     info = sub.add_parser("info", help="print a dataset's manifest summary")
     info.add_argument("url", help="a local folder or s3://bucket/prefix")
     return parser
@@ -78,6 +102,26 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 splits=args.splits.split(",") if args.splits else None,
                 upload_workers=args.upload_workers,
+                stats_limit=args.stats_limit,
+                progress=not args.quiet,
+            )
+        elif args.command == "index":
+            splits = {}
+            for item in args.split:
+                name, sep, pattern = item.partition("=")
+                if not sep or not name or not pattern:
+                    raise ValueError(f"--split {item!r}: expected NAME=PATTERN, e.g. train=/data/train-{{000000..000009}}.tar")
+                splits[name] = pattern
+            classes = None
+            if args.classes:
+                with open(args.classes) as f:
+                    classes = [line.strip() for line in f if line.strip()]
+            index_shards(
+                splits,
+                args.out,
+                label_key=args.label_key,
+                classes=classes,
+                workers=args.workers,
                 stats_limit=args.stats_limit,
                 progress=not args.quiet,
             )

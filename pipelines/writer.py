@@ -1,4 +1,5 @@
-"""Write a source as shards + manifest to a folder or S3 (``write_shards``; CLI: ``pipelines.shards``).
+"""Write a source as shards + manifest to a folder or S3 (``write_shards``; CLI: ``pipelines.shards``),
+or write only the manifest for WebDataset shards made elsewhere (``index_shards``).
 
 Writes are atomic per shard (local: temp file + ``os.replace``; S3: one upload per object, several
 at once, multipart above 16 MiB, retried by botocore) and the manifest is written last, so a reader
@@ -12,6 +13,7 @@ import io
 import json
 import os
 import sys
+import tarfile
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -163,4 +165,157 @@ def write_shards(
     storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode(), client)
     total = sum(len(s["shards"]) for s in manifest_splits.values())
     print(f"wrote {storage.join(out, MANIFEST)}: {total} shard(s), {skipped} shard(s) already up to date", file=sys.stderr)
+    return manifest
+
+
+# -- indexing shards written elsewhere ------------------------------------------------------------
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """``s3://b/train-{000000..000002}.tar`` -> the three URLs (brace expansion, as webdataset does)."""
+    from braceexpand import braceexpand
+
+    urls = list(braceexpand(pattern))
+    if not urls or not all(u.endswith((".tar", ".tar.gz", ".tgz")) for u in urls):
+        raise ValueError(f"{pattern!r}: expected a brace pattern of .tar shards, e.g. s3://bucket/train-{{000000..000099}}.tar")
+    return urls
+
+
+def _scan_shard(url: str, label_key: str, stats_images: int, client: Any | None) -> dict:
+    """One pass over a shard: size, sha256, per-sample labels, image sizes, pixel sums of the first
+    ``stats_images`` images. A sample without an image or a label is an error naming it."""
+    from pipelines.format import HashingReader, error_text, iter_tar, read_label
+    from pipelines.loader import IMAGE_FIELDS
+
+    stats = _ChannelStats()
+    labels: list[int] = []
+    sizes: set[tuple[int, int]] = set()
+    with storage.open_stream(url, client) as stream:
+        reader = HashingReader(stream)
+        key = None
+        try:
+            for key, fields in iter_tar(reader):
+                ext = next((e for e in IMAGE_FIELDS if e in fields), None)
+                if ext is None:
+                    raise ValueError(f"{url}: sample {key!r}: no image field {list(IMAGE_FIELDS)} (has {sorted(fields)})")
+                label = read_label(fields, label_key)
+                if isinstance(label, str):
+                    raise ValueError(f"{url}: sample {key!r}: {label} (label key {label_key!r}; see --label-key)")
+                labels.append(label)
+                try:
+                    with Image.open(io.BytesIO(fields[ext])) as im:
+                        sizes.add((im.height, im.width))  # the header only
+                        if stats.images < stats_images:
+                            stats.add(np.asarray(im.convert("RGB")))
+                except (OSError, ValueError) as err:
+                    raise ValueError(f"{url}: sample {key!r}: undecodable {ext} image ({err})") from err
+        except (tarfile.TarError, EOFError) as err:
+            after = f"after sample {key!r}" if key is not None else "at its start"
+            raise ValueError(f"{url}: truncated or corrupt tar {after} ({error_text(err)})") from err
+        reader.drain()
+    return {"url": url, "num_samples": len(labels), "bytes": reader.nbytes, "sha256": reader.sha.hexdigest(),
+            "labels": labels, "sizes": sizes, "stats": stats}
+
+
+def _relative(url: str, out: str) -> str:
+    """``url`` relative to the dataset folder ``out`` when inside it, else absolute (so it is read where it is)."""
+    if storage.is_s3(url) != storage.is_s3(out):
+        return url if storage.is_s3(url) else os.path.abspath(url)
+    if storage.is_s3(url):
+        base = out.rstrip("/") + "/"
+        return url[len(base) :] if url.startswith(base) else url
+    path, folder = os.path.abspath(url), os.path.abspath(out)
+    return os.path.relpath(path, folder) if path.startswith(folder + os.sep) else path
+
+
+def index_shards(
+    splits: dict[str, str],
+    out: str,
+    *,
+    label_key: str = "cls",
+    classes: list[str] | None = None,
+    workers: int = 8,
+    stats_limit: int = 50_000,
+    progress: bool = True,
+    client: Any | None = None,
+) -> dict:
+    """Write our manifest for WebDataset shards made elsewhere (e.g. by ``webdataset.ShardWriter``).
+
+    ``splits`` maps a split name to a brace pattern of shards (local or S3). Every shard is read once,
+    ``workers`` at a time: sample count, size, sha256, labels (``label_key``: ``cls`` or
+    ``json:FIELD``), image sizes, and mean/std from the first ``stats_limit`` images of the train
+    split (spread over its shards). Classes are ``classes`` (names in label order) or ``"0".."K-1"``
+    for the largest label K-1. The manifest goes to ``out`` (folder or ``s3://``); shards outside
+    ``out`` are listed by absolute URL, so the loader reads them where they are.
+    """
+    from pipelines.format import check_label_key
+
+    check_label_key(label_key)
+    if not splits:
+        raise ValueError("no splits given; e.g. --split train=/data/train-{000000..000009}.tar")
+    urls = {name: expand_pattern(pattern) for name, pattern in splits.items()}
+    any_s3 = storage.is_s3(out) or any(storage.is_s3(u) for us in urls.values() for u in us)
+    if any_s3:
+        client = client or storage.make_s3_client(max_pool_connections=max(16, 2 * workers))
+    if storage.is_s3(out):
+        storage.bucket_exists_check(out, client)
+    else:
+        os.makedirs(out, exist_ok=True)
+    stats_split = "train" if "train" in urls else next(iter(urls))
+    total = sum(len(u) for u in urls.values())
+    bar = tqdm(total=total, desc="index", unit="shard", file=sys.stderr, disable=not progress)
+    scanned: dict[str, list[dict]] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for name, split_urls in urls.items():
+            per_shard = -(-stats_limit // len(split_urls)) if name == stats_split else 0
+            futures = [pool.submit(_scan_shard, u, label_key, per_shard, client if storage.is_s3(u) else None) for u in split_urls]
+            results = []
+            for f in futures:
+                try:
+                    results.append(f.result())
+                except storage.StorageError as err:
+                    raise ValueError(f"split {name!r}: {err}") from err
+                bar.update(1)
+            scanned[name] = results
+    bar.close()
+    labels = [lab for results in scanned.values() for r in results for lab in r["labels"]]
+    if not labels:
+        raise ValueError(f"no samples in {sum(len(u) for u in urls.values())} shard(s)")
+    bad = [lab for lab in labels if lab < 0 or (classes is not None and lab >= len(classes))]
+    if bad:
+        limit = f"[0, {len(classes)})" if classes is not None else "labels >= 0"
+        raise ValueError(f"label {bad[0]} outside {limit}; {len(bad)} such sample(s) (check --classes / --label-key)")
+    classes = classes if classes is not None else [str(i) for i in range(max(labels) + 1)]
+    stats = _ChannelStats()
+    for r in scanned[stats_split]:
+        stats.total += r["stats"].total
+        stats.total_sq += r["stats"].total_sq
+        stats.count += r["stats"].count
+        stats.images += r["stats"].images
+    sizes = set().union(*(r["sizes"] for results in scanned.values() for r in results))
+    mean, std = stats.result()
+    manifest = {
+        "format": FORMAT,
+        "source": "webdataset",
+        "classes": classes,
+        "num_classes": len(classes),
+        "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
+        "mean": mean,
+        "std": std,
+        "seed": None,
+        "label_key": label_key,
+        "splits": {
+            name: {
+                "num_samples": sum(r["num_samples"] for r in results),
+                "shards": [
+                    {"url": _relative(r["url"], out), "num_samples": r["num_samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
+                    for r in results
+                ],
+            }
+            for name, results in scanned.items()
+        },
+    }
+    storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode(), client)
+    counts = ", ".join(f"{n}: {s['num_samples']} samples in {len(s['shards'])} shard(s)" for n, s in manifest["splits"].items())
+    print(f"wrote {storage.join(out, MANIFEST)}: {counts}; {len(classes)} classes", file=sys.stderr)
     return manifest
