@@ -80,18 +80,43 @@ def _score_slice(source: dict, data_url: str, split: str, rank: int, world: int,
         _, members = load_registered(source["model_uri"], source.get("tracking_uri"))
     else:
         members = [build_member(s, sd) for s, sd in source["members"]]
+    # The real multi-scale test keeps each image's aspect ratio: read one image at a time and batch by shape.
+    whole_images = spec["protocol"] == "multi_scale"
     loader = pipelines.make_loader(
-        data_url, split, batch_size, rank=rank, world_size=world, num_workers=0, shuffle=False,
-        transform=_make_test_transform(spec), with_keys=True,
+        data_url, split, 1 if whole_images else batch_size, rank=rank, world_size=world, num_workers=0,
+        shuffle=False, transform=_make_test_transform(spec), with_keys=True,
     )
     keys, labels, probs = [], [], []
-    for images, y, k in loader:
+    for images, y, k in (batches_by_shape(loader, batch_size) if whole_images else loader):
         probs.append(member_probs(members, images).numpy())
         labels.append(y.numpy())
         keys.extend(k)
     if not keys:
         return [], np.zeros(0, np.int64), None, loader.split_samples
     return keys, np.concatenate(labels), np.concatenate(probs, axis=1), loader.split_samples
+
+
+def batches_by_shape(loader, batch_size: int):
+    """Regroup `loader`'s (views, labels, keys) batches into batches of up to `batch_size` images whose
+    views all have the same shapes (one aspect ratio), in order of completion; the rest at the end."""
+    buckets: dict[tuple, list] = {}
+
+    def merged(items):
+        views = tuple(torch.cat([it[0][j] for it in items]) for j in range(len(items[0][0])))
+        return views, torch.cat([it[1] for it in items]), [key for it in items for key in it[2]]
+
+    for images, y, k in loader:
+        images = tuple(images) if isinstance(images, tuple | list) else (images,)
+        for i in range(len(k)):
+            one = (tuple(v[i : i + 1] for v in images), y[i : i + 1], [k[i]])
+            bucket = buckets.setdefault(tuple(tuple(v.shape[1:]) for v in one[0]), [])
+            bucket.append(one)
+            if len(bucket) == batch_size:
+                yield merged(bucket)
+                bucket.clear()
+    for bucket in buckets.values():
+        if bucket:
+            yield merged(bucket)
 
 
 def score_split(source: dict, data_url: str, split: str, spec: dict, *, batch_size: int = 128, tasks: int = 0) -> Scores:

@@ -11,15 +11,21 @@ random ``size`` crop (224), horizontal flip, AlexNet PCA lighting (std 0.1), nor
 ``make_transform("imagenet", train=False, protocol=...)``:
   "center"       resize shorter side to ``resize`` (256), centre ``size`` crop   -> (C, H, W)
   "ten_crop"     resize to ``resize``, four corners + centre and their flips  -> (10, C, H, W)
-  "multi_scale"  for each s in ``scales`` ({224, 256, 384, 480, 640}): resize the shorter side to s and
-                 centre-crop s x s -> a tuple of (C, s, s), one per scale. The paper evaluates the
-                 whole rectangular image fully-convolutionally; the square centre crop is what makes
-                 a scale batchable, so it approximates that protocol (it drops the long side's edges).
+  "multi_scale"  the paper's fully-convolutional multi-scale test (v1 sec. 3.4: "average the scores at
+                 multiple scales (images are resized such that the shorter side is in {224, 256, 384,
+                 480, 640})"): for each s in ``scales``, the *whole* image resized so that its shorter
+                 side is s, aspect ratio kept, and its horizontal flip -> a tuple of (2, C, s, s * W / H),
+                 one per scale. Images of different aspect ratios give different shapes: batch them by
+                 shape (``orchestrator.batch_eval`` does) or one at a time.
+  "multi_scale_center"  the older square approximation: shorter side to s, centre s x s crop (drops the
+                 long side's edges, about 25 % of a 4:3 image), no flips -> a tuple of (C, s, s).
 
-``make_transform("cifar", train=True)``: pad 4, random ``size`` (32) crop, flip. ``train=False``:
-the single ``size`` view (He et al. 2015, sec. 4.2). The demo's 32 px digits use these.
+``make_transform("cifar", train=True)``: pad 4 with the mean pixel (a normalised zero, as padding the
+normalised image with zeros does), random ``size`` (32) crop, flip. ``train=False``: the single
+``size`` view (He et al. 2015, sec. 4.2). The demo's 32 px digits use these.
 
-The loader batches the three test outputs as (B, C, H, W), (B, 10, C, H, W) and a tuple of (B, C, s, s).
+The loader batches the test outputs as (B, C, H, W), (B, 10, C, H, W), a tuple of (B, 2, C, s, w) for
+images of one shape, and a tuple of (B, C, s, s).
 
 ``make_batch_transform("imagenet", train, ..., device=...)``: the same ImageNet train and centre-crop
 test transforms for a whole batch of *encoded* images (``make_loader(..., decode=False)``), run on
@@ -38,7 +44,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-PROTOCOLS = ("center", "ten_crop", "multi_scale")
+PROTOCOLS = ("center", "ten_crop", "multi_scale", "multi_scale_center")
 KINDS = ("imagenet", "cifar")
 
 # AlexNet's PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), as used by fb.resnet.torch.
@@ -86,6 +92,13 @@ class MultiScale(torch.nn.Module):
         return tuple(view(image) for view in self.views)
 
 
+class WithFlip(torch.nn.Module):
+    """One view and its horizontal flip, stacked: (2, C, H, W)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack([image, image.flip(-1)])
+
+
 def _finish(mean: Sequence[float], std: Sequence[float]) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
 
@@ -119,7 +132,10 @@ def make_transform(
     if kind == "cifar":
         size = size or 32
         if train:
-            return v2.Compose([*head, v2.RandomCrop(size, padding=pad), v2.RandomHorizontalFlip(), *_finish(mean, std)])
+            # Pad with the mean pixel: after normalisation the border is zero, as in the authors' code,
+            # which pads the mean-subtracted image with zeros (a black pad would be -mean/std).
+            fill = [round(255 * m) for m in mean]
+            return v2.Compose([*head, v2.RandomCrop(size, padding=pad, fill=fill), v2.RandomHorizontalFlip(), *_finish(mean, std)])
         if protocol != "center":
             raise ValueError(f"cifar test protocol is the single view ('center'), not {protocol!r}")
         return v2.Compose([*head, v2.CenterCrop(size), *_finish(mean, std)])
@@ -141,7 +157,10 @@ def make_transform(
     if protocol == "ten_crop":
         return v2.Compose([*head, v2.Resize(resize), v2.TenCrop(size), *_finish(mean, std), StackCrops()])
     scales = scales or tuple(scaled(s) for s in (224, 256, 384, 480, 640))
-    views = [v2.Compose([v2.Resize(s), v2.CenterCrop(s), *_finish(mean, std)]) for s in scales]
+    if protocol == "multi_scale_center":
+        views = [v2.Compose([v2.Resize(s), v2.CenterCrop(s), *_finish(mean, std)]) for s in scales]
+    else:  # the whole image at each scale (v2.Resize(s) sets the shorter side, keeping the aspect ratio)
+        views = [v2.Compose([v2.Resize(s), *_finish(mean, std), WithFlip()]) for s in scales]
     return v2.Compose([*head, MultiScale(views)])
 
 
