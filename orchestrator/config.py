@@ -65,6 +65,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     epochs: int = 10  # one epoch = one pass over the train split
+    max_iters: int = 0  # stop after this many iterations (v1 CIFAR: 64k), mid-epoch if need be; 0 = run all epochs
     kind: str = "step"  # "step": /10 at milestones; "plateau": /10 when val error stalls; "cosine"
     milestones: list = field(default_factory=list)  # in `milestone_unit`s
     milestone_unit: str = "epoch"  # "epoch" or "iter"
@@ -260,6 +261,8 @@ def validate(cfg: TrainConfig) -> None:
             f"optim.batch_size={cfg.optim.batch_size} is not divisible by scaling.num_workers="
             f"{cfg.scaling.num_workers}: every worker must get the same per-worker batch"
         )
+    if cfg.schedule.max_iters < 0:
+        raise ConfigError(f"schedule.max_iters must be >= 0 (0: no limit), got {cfg.schedule.max_iters}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.schedule.kind == "step" and sorted(cfg.schedule.milestones) != list(cfg.schedule.milestones):

@@ -285,6 +285,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 below = cfg.schedule.warmup_until_train_err and 100 * (1 - c / n) < cfg.schedule.warmup_until_train_err
                 if done_iters or below:
                     warm = False
+            if cfg.schedule.max_iters and step >= cfg.schedule.max_iters:
+                break  # v1 CIFAR: stop at 64k iterations, not at a whole number of epochs
         loss_sum, correct = float(loss_sum), float(correct)  # waits for the device: the epoch's work is done
         elapsed = time.perf_counter() - t0
         loss_sum, correct, seen, worker_rate_sum = all_reduce_sum(
@@ -314,7 +316,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history.append({"epoch": epoch, "step": step, **metrics})
 
         # (3) ray.train.report is a barrier: every rank calls it once per epoch.
-        last = epoch == cfg.schedule.epochs - 1
+        last = epoch == cfg.schedule.epochs - 1 or bool(cfg.schedule.max_iters and step >= cfg.schedule.max_iters)
         report = {**metrics, "epoch": epoch, "step": step}
         if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or last:
             rngs = [None] * world
@@ -355,6 +357,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"{f'  skipped {skipped:.0f} bad samples' if cfg.data.on_error == 'skip' else ''}",
                 flush=True,
             )
+        if last:
+            break  # max_iters reached before the last epoch
 
 
 # ---------------------------------------------------------------------------------------------
