@@ -5,7 +5,15 @@
 """
 
 from .counting import count_flops, count_params
-from .registry import OVERRIDABLE, create_model, get_row, list_models, register_model, resolve
+from .registry import (
+    OVERRIDABLE,
+    create_model,
+    get_row,
+    list_models,
+    register_model,
+    resolve,
+    unstated_layout,
+)
 from .zoo import ROWS
 
 for _name, _row in ROWS.items():
@@ -20,4 +28,5 @@ __all__ = [
     "list_models",
     "register_model",
     "resolve",
+    "unstated_layout",
 ]

@@ -112,6 +112,25 @@ def resolve(name: str, **overrides) -> dict:
     return cfg
 
 
+def unstated_layout(name: str, overrides: dict) -> str | None:
+    """Why loading a state_dict of unknown origin into `name` is ambiguous, or None if it is not.
+
+    The v1 bottleneck (stride on the first 1x1, our default) and torchvision's v1.5 (stride on the 3x3)
+    have the same parameter names and shapes, so a torchvision `resnet50` state_dict loads into our
+    `resnet50` with strict=True and silently computes something else (logits differ by several units).
+    """
+    from .resnet import Bottleneck
+
+    if get_row(name)["block"] is not Bottleneck or "stride_in_1x1" in overrides:
+        return None
+    return (
+        f"{name} is a bottleneck net in the paper's v1 layout (stride on the first 1x1) unless told otherwise; "
+        f"a state_dict without this project's metadata (e.g. torchvision's, v1.5: stride on the 3x3) loads into "
+        f"it without error but computes different logits. State the layout: stride_in_1x1=False for torchvision "
+        f"weights, stride_in_1x1=True for the paper's v1"
+    )
+
+
 def create_model(name: str, **overrides) -> nn.Module:
     """Build the registered network `name`; keyword arguments override its row (see OVERRIDABLE)."""
     cfg = resolve(name, **overrides)

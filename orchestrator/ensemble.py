@@ -130,12 +130,37 @@ class Member:
     run_id: str | None = None
 
 
-def _state_from_file(path: str) -> dict:
+def _state_from_file(path: str, member: MemberSpec | None = None) -> dict:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise EvaluationError(f"member checkpoint {path!r} does not exist") from None
-    return state["model"] if isinstance(state, dict) and "model" in state and "optimizer" in state else state
+    ours = isinstance(state, dict) and "model" in state and "optimizer" in state
+    if member is not None:
+        _check_layout(member, state.get("config") if ours else None, path)
+    return state["model"] if ours else state
+
+
+def _check_layout(m: MemberSpec, train_config: dict | None, path: str) -> None:
+    """v1 and torchvision's v1.5 bottlenecks share every parameter name and shape, so the layout must come
+    from our checkpoint's metadata (its train config) or from the member's `stride_in_1x1`; else warn."""
+    import warnings
+
+    import models
+
+    if train_config is None:
+        why = models.unstated_layout(m.model, m.overrides)
+        if why:
+            warnings.warn(f"member {m.label!r} ({path}): {why} (members[].overrides.stride_in_1x1)", UserWarning, stacklevel=3)
+        return
+    theirs = train_config["model"]
+    want = models.resolve(m.model, **m.overrides)["stride_in_1x1"]
+    have = models.resolve(theirs["name"], **theirs.get("overrides", {}))["stride_in_1x1"]
+    if want != have:
+        raise EvaluationError(
+            f"member {m.label!r}: {path} was trained with stride_in_1x1={have} ({theirs['name']}), "
+            f"but the member asks for stride_in_1x1={want}; set members[].overrides.stride_in_1x1: {have}"
+        )
 
 
 def _download_checkpoint(client, run_id: str) -> dict:
@@ -166,7 +191,7 @@ def gather_members(cfg: EnsembleConfig, members: list[MemberSpec], classes: list
             got[m.label] = Member(m.label, spec, state["model"], m.mlflow_run)
         elif m.checkpoint:
             spec = {"label": m.label, "model": m.model, "overrides": m.overrides, "num_classes": len(classes)}
-            got[m.label] = Member(m.label, spec, _state_from_file(m.checkpoint))
+            got[m.label] = Member(m.label, spec, _state_from_file(m.checkpoint, m))
         else:
             continue
         try:
