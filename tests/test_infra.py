@@ -6,12 +6,15 @@
 - The KubeRay and MLflow manifests parse, carry the fields that matter, and point at modules, config
   files, an image tag and pins that exist in this repository.
 - No credential and no all-interfaces dashboard anywhere in infra/.
-- The local stack really starts, runs a `ray job submit`, serves MLflow on loopback and stops cleanly.
+- The local stack really starts, runs a `ray job submit`, serves MLflow on loopback and stops cleanly;
+  every listening socket of its processes (Ray's, the job's driver and workers, MLflow, moto) is on
+  loopback, and its tokens are 0600 in 0700 folders.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 import re
 import shutil
@@ -102,6 +105,7 @@ def test_aws_cluster_is_secure_and_bounded(cluster):
     head_start = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
     setup = " ".join(cluster["setup_commands"])
+    assert "chmod 700 ~/.ray ~/.mlflow && chmod 600 ~/.ray/auth_token ~/.mlflow/credentials" in setup
     assert "RAY_AUTH_MODE=token" in setup and "source ~/resnet.env" in head_start
     assert "source ~/resnet.env" in " ".join(cluster["worker_start_ray_commands"])
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
@@ -408,6 +412,46 @@ def _session_alive(sid: int) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if int(line.split()[1]) == sid]
 
 
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback  # gRPC binds "::ffff:127.0.0.1"
+
+
+def _listening_sockets(sids) -> list[tuple[str, str, int]]:
+    """(process, ip, port) of every listening TCP socket of the processes in these sessions and of
+    their descendants (a Ray job's driver runs in a session of its own, under the JobSupervisor)."""
+    import psutil
+
+    procs = set()
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) in sids:
+                procs |= {p, *p.children(recursive=True)}
+        except (psutil.Error, ProcessLookupError):
+            pass
+    found = set()
+    for p in procs:
+        try:
+            for c in p.net_connections("tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    found.add((p.name(), c.laddr.ip, c.laddr.port))
+        except psutil.Error:
+            pass
+    return sorted(found)
+
+
+def _private(path: Path) -> list[str]:
+    """Everything under path that another user could read: folders must be 0700, files 0600."""
+    bad = []
+    for p in [path, *path.rglob("*")]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode & 0o777
+        if mode & 0o077:
+            bad.append(f"{p.relative_to(path.parent)} {mode:o}")
+    return bad
+
+
 def _stack_env(env_file: Path) -> dict[str, str]:
     """The environment a user gets from `source .local-stack/env.sh`."""
     out = subprocess.run(
@@ -447,7 +491,12 @@ def test_local_stack_runs_a_job_and_stops_cleanly(tmp_path):
         again = subprocess.run(up, env=env, check=True, capture_output=True, text=True, timeout=120)
         assert "local stack is up" in again.stdout  # idempotent: the same processes stay
         assert {p.name: int(p.read_text()) for p in (state / "pids").iterdir()} == pids
-        assert (state / "ray" / "auth_token").stat().st_mode & 0o077 == 0
+        # tokens 0600 in 0700 folders: the whole state folder, and the folder around Ray's temp dir
+        # (Ray makes its own temp dir 0777, so its parent is what keeps others out)
+        assert _private(state) == []
+        assert (state / "ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+        ray_tmp = Path(f"/tmp/ray-stack-{os.getuid()}-{ports['RAY']}")
+        assert ray_tmp.stat().st_mode & 0o777 == 0o700
 
         user = {**env, **_stack_env(state / "env.sh")}
         assert user["RAY_ADDRESS"] == f"http://127.0.0.1:{ports['DASHBOARD']}"
@@ -458,10 +507,15 @@ def test_local_stack_runs_a_job_and_stops_cleanly(tmp_path):
         # a tiny job through the job API, as in infra/README.md: it sees the stack's MLflow, and with
         # no --working-dir it runs where the head was started (the image's WORKDIR on a cluster),
         # so the project's module and relative config paths resolve, as the RayJob entrypoint needs
+        # it then waits (up to 3 min) for a file, so its driver and a worker are alive while the
+        # test lists the cluster's listening sockets
+        release = tmp_path / "release"
         probe = (
-            "import os, ray; ray.init(); print('CPUS', ray.cluster_resources()['CPU']);"
+            "import os, time, ray; ray.init(); print('CPUS', ray.cluster_resources()['CPU']);"
             " print('MLFLOW', os.environ['MLFLOW_TRACKING_URI']); print('CWD', os.getcwd());"
-            " import subprocess; subprocess.run(['python', '-m', 'orchestrator.run', '--help'], check=True)"
+            " import subprocess; subprocess.run(['python', '-m', 'orchestrator.run', '--help'], check=True);"
+            " print('TASK', ray.get(ray.remote(lambda: os.getpid()).remote()), flush=True);"
+            f" t = time.time() + 180\nwhile not os.path.exists({str(release)!r}) and time.time() < t: time.sleep(0.2)"
         )
         # --no-wait and poll: on a loaded machine the CLI's log stream may close before the job ends
         ray = str(VENV_BIN / "ray")
@@ -469,10 +523,33 @@ def test_local_stack_runs_a_job_and_stops_cleanly(tmp_path):
         subprocess.run([ray, "job", "submit", "--no-wait", "--submission-id", "probe", "--", "python", "-c", probe],
                        check=True, **run)  # fmt: skip
         deadline = time.monotonic() + 300
+        finished = r"Job 'probe' (succeeded|failed|was stopped)"
+        while time.monotonic() < deadline:  # until the probe's task has run (or the job has ended)
+            if "TASK" in subprocess.run([ray, "job", "logs", "probe"], **run).stdout:
+                break
+            out = subprocess.run([ray, "job", "status", "probe"], **run)
+            assert not re.search(finished, out.stdout + out.stderr), out.stdout + out.stderr
+            time.sleep(2)
+        # Loopback only: every listening socket of the stack (Ray's GCS, raylet, agents, client
+        # server, metrics, the job's driver and workers; MLflow; moto) is on 127.0.0.1.
+        listening = _listening_sockets(set(pids.values()))
+        exposed = [s for s in listening if not _is_loopback(s[1])]
+        assert exposed == [], exposed
+        open_ports = {port for _, _, port in listening}
+        assert {
+            ports["RAY"],
+            ports["DASHBOARD"],
+            ports["DASHBOARD_AGENT"],
+            ports["MLFLOW"],
+            ports["S3"],
+        } <= open_ports
+        assert {"gcs_server", "raylet"} <= {name for name, _, _ in listening}
+        assert len({name for name, _, _ in listening if name.startswith("ray::")}) >= 3, listening
+        release.touch()
         while time.monotonic() < deadline:
             out = subprocess.run([ray, "job", "status", "probe"], **run)
             status = out.stdout + out.stderr
-            if re.search(r"Job 'probe' (succeeded|failed|was stopped)", status):
+            if re.search(finished, status):
                 break
             time.sleep(2)
         job = subprocess.run([ray, "job", "logs", "probe"], check=True, **run)

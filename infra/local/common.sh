@@ -20,11 +20,24 @@ MLFLOW_AUTH=${LOCAL_STACK_MLFLOW_AUTH:-auto}
 
 # Ray's sockets live under its temp dir, and a unix socket path must stay under 108 bytes, so the
 # temp dir is short and outside the checkout; logs are linked back into $STACK_DIR/logs.
+# RAY_TMP is ours, mode 0700; Ray's --temp-dir is a folder inside it, because Ray makes its temp,
+# session and log folders 0777 (ray/_common/utils.py try_make_directory_shared) whatever the umask.
 RAY_TMP=${LOCAL_STACK_RAY_TMP:-/tmp/ray-stack-$(id -u)-$RAY_GCS_PORT}
+RAY_TEMP_DIR=$RAY_TMP/ray
 
 RAY_TOKEN=$STACK_DIR/ray/auth_token
 MLFLOW_PASSWORD_FILE=$STACK_DIR/mlflow/admin_password
 ENV_FILE=$STACK_DIR/env.sh
+
+# A private folder: created 0700, or an existing one of ours made 0700; someone else's is an error.
+private_dir() {  # path...
+  local d
+  for d in "$@"; do
+    mkdir -p "$d"
+    [ -O "$d" ] || { echo "local stack: $d belongs to another user; set LOCAL_STACK_DIR / LOCAL_STACK_RAY_TMP" >&2; return 1; }
+    chmod 700 "$d"
+  done
+}
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 

@@ -16,11 +16,13 @@ cd "$REPO_ROOT"
 for exe in python ray mlflow; do
   [ -x "$VENV_BIN/$exe" ] || { echo "local stack: $VENV_BIN/$exe missing; run scripts/bootstrap.sh" >&2; exit 1; }
 done
-umask 077  # tokens, passwords and the env file are readable by this user only
-mkdir -p "$STACK_DIR"/{ray,mlflow,s3,logs,pids}
+umask 077  # tokens, passwords, logs and the env file are readable by this user only
+# Folders 0700 and secrets 0600 even when they were left by an older run with other modes.
+private_dir "$STACK_DIR" "$STACK_DIR"/{ray,mlflow,s3,logs,pids} "$RAY_TMP"
 
 new_secret() { "$VENV_BIN/python" -c 'import secrets; print(secrets.token_urlsafe(24))'; }
 [ -s "$RAY_TOKEN" ] || new_secret >"$RAY_TOKEN"
+chmod 600 "$RAY_TOKEN"
 
 # ---- S3 (moto, in memory: artifacts last as long as the stack) ----
 if [ "$WITH_S3" = 1 ]; then
@@ -62,6 +64,7 @@ esac
 if [ "$MLFLOW_AUTH" = 1 ]; then
   [ -s "$MLFLOW_PASSWORD_FILE" ] || new_secret >"$MLFLOW_PASSWORD_FILE"
   [ -s "$STACK_DIR/mlflow/flask_secret" ] || new_secret >"$STACK_DIR/mlflow/flask_secret"
+  chmod 600 "$MLFLOW_PASSWORD_FILE" "$STACK_DIR/mlflow/flask_secret"
   cat >"$STACK_DIR/mlflow/basic_auth.ini" <<EOF
 [mlflow]
 default_permission = READ
@@ -93,6 +96,9 @@ fi
   echo "export RAY_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT"
   echo "export RAY_AUTH_MODE=token"
   echo "export RAY_AUTH_TOKEN_PATH=$RAY_TOKEN"
+  # Ray turns 127.0.0.1 into the host's routable address unless this is 0 (ray/_private/services.py
+  # resolve_ip_for_localhost); a driver that connects by GCS address needs it as the head does.
+  echo "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
   echo "export MLFLOW_TRACKING_URI=$MLFLOW_URL"
   if [ "$MLFLOW_AUTH" = 1 ]; then
     echo "export MLFLOW_TRACKING_USERNAME=admin"
@@ -108,6 +114,12 @@ fi
 # ---- Ray head ----
 # `--block` keeps one parent process that takes the whole head down on SIGTERM; setsid gives the
 # head its own session, so down.sh stops exactly these processes and never another Ray on the host.
+# Loopback only: `--node-ip-address 127.0.0.1` is kept as 127.0.0.1 only with
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (from the env file), and then the GCS, the raylet (node and
+# object manager), the dashboard agent (HTTP, gRPC, metrics export), the runtime-env agent, the Ray
+# client server, the metrics endpoints of the dashboard and autoscaler, and every worker bind
+# 127.0.0.1 (Ray checks is_localhost(node ip)); the side effect is that no other node can join,
+# which a one-machine stack never wants. tests/test_infra.py checks every listening socket.
 if ! pid_alive "$STACK_DIR/pids/ray"; then
   rm -rf "$STACK_DIR/logs/ray"
   (
@@ -118,17 +130,17 @@ if ! pid_alive "$STACK_DIR/pids/ray"; then
     export RAY_ADDRESS=127.0.0.1:$RAY_GCS_PORT
     export PATH=$VENV_BIN:$PATH  # a job's `python` is the project's virtual environment
     exec setsid "$VENV_BIN/ray" start --head --block --disable-usage-stats \
-      --port "$RAY_GCS_PORT" \
+      --node-ip-address 127.0.0.1 --port "$RAY_GCS_PORT" \
       --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
       --dashboard-agent-listen-port "$RAY_AGENT_PORT" --ray-client-server-port "$RAY_CLIENT_PORT" \
-      --temp-dir "$RAY_TMP"
+      --temp-dir "$RAY_TEMP_DIR"
   ) >"$STACK_DIR/logs/ray-head.log" 2>&1 &
   echo $! >"$STACK_DIR/pids/ray"
 fi
 # MLflow and Ray start side by side; wait for both.
 wait_for_port "$MLFLOW_PORT" "MLflow"
 wait_for_port "$RAY_DASHBOARD_PORT" "the Ray dashboard"
-ln -sfn "$RAY_TMP/session_latest/logs" "$STACK_DIR/logs/ray"
+ln -sfn "$RAY_TEMP_DIR/session_latest/logs" "$STACK_DIR/logs/ray"
 # The job API answers a little after the port opens; wait until it authenticates us.
 deadline=$((SECONDS + STARTUP_TIMEOUT))
 # shellcheck disable=SC1090
