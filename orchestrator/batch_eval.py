@@ -57,17 +57,93 @@ def _make_test_transform(spec: dict):
     return pipelines.make_transform(spec["kind"], False, **kwargs)
 
 
-def load_registered(model_uri: str, tracking_uri: str | None = None):
-    """(metadata, [member nets]) of a registered ensemble, with a clear error if the URI is wrong."""
+def load_registered(model_uri: str, tracking_uri: str | None = None, trust_model: bool | None = None):
+    """(metadata, [member nets]) of a registered ensemble, with a clear error if the URI is wrong.
+
+    A registered model is code: MLflow's loader unpickles its python_model and imports the code it
+    carries (code_paths). So this project's ensemble is recognised without running any of it (the
+    MLmodel file, and the class the pickle names, read with pickletools, never unpickled) and rebuilt
+    by the installed code from its JSON and weight files (torch.load(weights_only=True)). Any other
+    model is refused unless `trust_model` (default: RESNET_TRUST_MODEL=1, which `evaluate
+    --trust-model` sets), which loads it MLflow's way, running its code.
+    """
+    import pickletools
+    import tempfile
+    from pathlib import Path
+    from types import SimpleNamespace
+
     import mlflow
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    from .ensemble_model import ResNetEnsemble
 
     if tracking_uri and tracking_uri != mlflow.get_tracking_uri():
         mlflow.set_tracking_uri(tracking_uri)  # in a Ray task; the driver's own setting stays untouched
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a bad URI
-        raise EvaluationError(f"cannot load model {model_uri!r}: {str(e).splitlines()[0]}") from None
-    python_model = model.unwrap_python_model()
+    if trust_model is None:
+        trust_model = os.environ.get("RESNET_TRUST_MODEL") == "1"
+    ours = (ResNetEnsemble.__module__, ResNetEnsemble.__qualname__)
+
+    def pickled_class(path: Path) -> tuple[str, str] | None:
+        """The first global the pickle refers to (the pickled object's class), read, not executed."""
+        strings: list = []
+        memo: dict = {}
+        for op, arg, _ in pickletools.genops(path.read_bytes()):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = strings[-1] if strings else None
+            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[arg] = strings[-1] if strings else None
+            elif op.name in ("BINGET", "LONG_BINGET"):
+                strings.append(memo.get(arg))
+            elif op.name == "GLOBAL":
+                return tuple(arg.split(" ", 1))
+            elif op.name == "STACK_GLOBAL":
+                return tuple(strings[-2:]) if len(strings) >= 2 else None
+        return None
+
+    def why_not_ours(local: Path, mlmodel) -> tuple[str | None, dict]:
+        flavor = mlmodel.flavors.get("python_function") or {}
+        artifacts = {k: local / v["path"] for k, v in (flavor.get("artifacts") or {}).items()}
+        if flavor.get("loader_module") != "mlflow.pyfunc.model" or "python_model" not in flavor:
+            return f"flavours {sorted(mlmodel.flavors)}, not a pyfunc PythonModel", artifacts
+        found = pickled_class(local / flavor["python_model"])
+        if found != ours:
+            return f"its python_model is {'.'.join(map(str, found or ('?',)))}, not {'.'.join(ours)}", artifacts
+        marker = {"classes", "protocol", "data_kind", "test_size", "mean", "std"}
+        if not marker <= set(mlmodel.metadata or {}):
+            return f"its metadata lacks {sorted(marker - set(mlmodel.metadata or {}))}", artifacts
+        if any(local.resolve() not in p.resolve().parents for p in artifacts.values()):
+            return "an artifact path points outside the model", artifacts
+        if "ensemble" not in artifacts:
+            return "no 'ensemble' artifact", artifacts
+        return None, artifacts
+
+    with tempfile.TemporaryDirectory(prefix="registered-model-") as tmp:
+        try:
+            local = Path(download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+            mlmodel = Model.load(str(local / "MLmodel"))  # YAML: nothing of the model runs
+        except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a bad URI
+            raise EvaluationError(f"cannot load model {model_uri!r}: {str(e).splitlines()[0]}") from None
+        why, artifacts = why_not_ours(local, mlmodel)
+        if why is None:
+            python_model = ResNetEnsemble()  # the installed code, not the copy the model carries
+            try:
+                python_model.load_context(SimpleNamespace(artifacts={k: str(p) for k, p in artifacts.items()}))
+            except (KeyError, ValueError, OSError, RuntimeError) as e:
+                raise EvaluationError(f"{model_uri!r}: a broken ResNet ensemble: {e}") from None
+        elif not trust_model:
+            raise EvaluationError(
+                f"refusing to load {model_uri!r}: it is not this project's ResNet ensemble ({why}), and "
+                "loading a registered model runs its code. Pass --trust-model (or set RESNET_TRUST_MODEL=1) "
+                "only if you trust everyone who can write to the model registry."
+            )
+        else:
+            try:
+                python_model = mlflow.pyfunc.load_model(str(local)).unwrap_python_model()
+            except Exception as e:  # noqa: BLE001 - whatever the trusted model's code raises
+                raise EvaluationError(f"cannot load model {model_uri!r}: {str(e).splitlines()[0]}") from None
     if not hasattr(python_model, "members"):
         raise EvaluationError(f"{model_uri!r} is not a ResNet ensemble registered by this project")
     return python_model.meta, python_model.members
