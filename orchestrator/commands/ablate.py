@@ -1,5 +1,8 @@
 """Run one of the papers' ablation studies as concurrent Ray Tune trials, tracked in MLflow, and print a
-report: our error (mean +- std over seeds) beside the published number and the difference, per configuration.
+report: each final checkpoint scored with the paper's protocol on the paper's split (batch evaluation on
+the cluster), mean +- std over seeds, beside the published number and, for the paper's own configurations,
+the difference; one table per (split, protocol). The depth study also computes a verdict on the
+degradation problem from the measured training curves.
 
 studies (orchestrator/configs/ablate_<name>.yaml):
   depth      plain vs residual nets across depth: ImageNet 18/34 (v1 Table 2), CIFAR-10 20..110 (v1 Table 6)
@@ -8,14 +11,15 @@ studies (orchestrator/configs/ablate_<name>.yaml):
   units      activation arrangements on ResNet-110 and ResNet-164 (v2 Table 2)
 
 scales:
-  demo   (default) reduced depth, width and epochs on the bundled digits (shards written to data/digits
-         if missing); a few minutes on a laptop; NOT comparable with the paper
+  demo   (default) reduced width and epochs on the bundled digits (shards written to data/digits if
+         missing); minutes on a laptop; NOT comparable with the paper: no differences are printed.
+         `ablate depth` trains plain/ResNet-20 and plain/ResNet-56 alike (v1 Fig. 6)
   paper  the papers' recipes (imagenet_v1 / cifar10_resnet / cifar10_resnet110 / cifar10_preact configs);
          point data.url at your shards, e.g. data.url=s3://YOUR-BUCKET/cifar10
 
 examples:
   python -m orchestrator.run ablate depth
-  python -m orchestrator.run ablate depth --rows plain-8,ResNet-8 schedule.epochs=2
+  python -m orchestrator.run ablate depth --rows plain-20,ResNet-20 schedule.epochs=2
   python -m orchestrator.run ablate skip --scale paper data.url=s3://YOUR-BUCKET/cifar10 --storage s3://YOUR-BUCKET/runs
   python -m orchestrator.run ablate --config my_study.yaml --asha
 
