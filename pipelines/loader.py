@@ -408,8 +408,8 @@ class ShardStream(IterableDataset):
                     url,
                     None,
                     f"shard disagrees with the manifest: {count} samples, {reader.nbytes} bytes, sha256 {sha[:12]}... "
-                    f"(manifest: {expected} samples, {shard['bytes']} bytes, sha256 {shard['sha256'][:12]}...); "
-                    f"{'its samples that decoded were used' if count <= expected else 'samples beyond the count dropped'}; rewrite the dataset",
+                    f"(manifest: {expected} samples, {shard['bytes']} bytes, sha256 {shard['sha256'][:12]}...)"
+                    f"{'; its samples that decoded were used' if self.on_error == 'skip' and count <= expected else ''}; rewrite the dataset",
                     max(0, mine - used),
                     shard_level=True,
                 )

@@ -283,13 +283,11 @@ def test_train_on_shardwriter_output_with_a_bad_sample_skipped(tmp_path, monkeyp
     shards = str(tmp_path / "wds")
     write_with_shardwriter(shards, {"train": 64, "val": 16})
     assert shards_cli(["index", "--split", f"train={shards}/train-{{000000..000003}}.tar", "--split", f"val={shards}/val-000000.tar", "--out", shards, "--quiet"]) == 0
-    key = corrupt(os.path.join(shards, "train-000002.tar"), "image_garbage")
+    corrupt(os.path.join(shards, "train-000002.tar"), "image_garbage")  # the default (raise) is tested above without Ray
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     overrides = [f"data.url={shards}", "model.name=resnet8", "schedule.epochs=1", "schedule.milestones=[]", "optim.batch_size=16",
                  "data.num_workers=0", "tracking.experiment=test-shards-integrity"]
-    with pytest.raises(Exception, match=rf"train-000002\.tar: sample '{key}'"):  # the default: an error naming them
-        fit(load_train_config("digits_resnet20.yaml", [*overrides, "data.on_error=raise"]), str(tmp_path / "runs-raise"))
     result = fit(load_train_config("digits_resnet20.yaml", [*overrides, "data.on_error=skip"]), str(tmp_path / "runs"))
     history = MlflowClient(uri).get_metric_history(result.run_id, "skipped_samples")
     assert [m.value for m in history] == [1.0]  # one epoch, one bad sample, counted once across both ranks
