@@ -1,34 +1,116 @@
-"""Images/s of read + decode + augment: shards (local, S3 on loopback) against ImageFolder.
+"""Images/s of read + decode + augment: shards (local, S3 on loopback) against ImageFolder and the
+``webdataset`` library's own pipeline; and time to the first batch as the shard count grows.
 
     .venv/bin/python benchmarks/bench_pipelines.py [--images 2000] [--workers 2] [--epochs 5]
+                                                   [--first-batch-shards 1000,10000,30000]
 
 Writes synthetic JPEGs (64-128 px) to a temporary ImageFolder, shards the same files (bytes kept
 as they are) to a local folder and to a moto S3 server on 127.0.0.1, then reads each through the
 same ImageNet-style train transform (random shorter side, crop, flip, PCA lighting, normalise)
-with the same workers and batch size. The readers take turns for ``--epochs`` epochs; each one's best
-epoch counts (the first also warms the page cache). Prints images/s and the ratios
-shards-local/ImageFolder (goal >= 1.0) and S3/local (goal >= 0.9).
+with the same workers and batch size: ImageFolder + DataLoader, our loader (local, S3), and
+webdataset's pipeline (``DataPipeline``: shard list, ``split_by_worker``, tar expansion, shuffle
+buffer 1000, the same decode + transform, ``batched``; local files, and S3 through a boto3 opener).
+The readers take turns for ``--epochs`` epochs; each one's best epoch counts (the first also warms
+the page cache). Goals (issue 14): ours >= 1.0x webdataset's pipeline; S3 >= 0.95x local.
+
+Time to first batch: a manifest of N shards (hard links to one small shard, so every one exists),
+read by our loader (and, for comparison, with the old per-shard existence check) and by webdataset's
+pipeline over the same N files, 2 workers; best of ``--first-batch-repeats``. Goal: N=30,000 within
+1.2x of N=1,000.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_image
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines import make_loader, make_transform, read_manifest, write_shards  # noqa: E402
+from pipelines import make_loader, make_transform, read_manifest, storage, write_shards  # noqa: E402
 from pipelines.sources import synthetic_source  # noqa: E402
+
+# -- webdataset's own pipeline, with our decode and transform -------------------------------------
+
+
+class DecodeTransform:
+    """Sample dict -> (transformed image, label): the same decoder and transform as our loader's."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, sample: dict):
+        ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in sample)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = decode_image(torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return self.transform(image), int(sample["cls"])
+
+
+def collate(samples: list) -> tuple:
+    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
+
+
+def s3_streams(src):
+    """webdataset's url_opener for s3:// URLs, through boto3 (one client per worker)."""
+    client = storage.make_s3_client()
+    for sample in src:
+        bucket, key = storage.split_s3(sample["url"])
+        yield {**sample, "stream": client.get_object(Bucket=bucket, Key=key)["Body"]}
+
+
+def expand(src):
+    return group_by_keys(tar_file_expander(src))
+
+
+def wds_loader(urls: list[str], transform, batch_size: int, workers: int, epoch: int = 0) -> wds.WebLoader:
+    stages = [wds.SimpleShardList(urls, seed=epoch), wds.shuffle(100), wds.split_by_worker]
+    stages += [s3_streams, expand] if storage.is_s3(urls[0]) else [wds.tarfile_to_samples()]
+    stages += [wds.shuffle(1000), wds.map(DecodeTransform(transform)), wds.batched(batch_size, collation_fn=collate, partial=False)]
+    return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers)
+
+
+# -- time to first batch --------------------------------------------------------------------------
+
+
+def first_batch_seconds(make, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        next(iter(make()))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def many_shards(folder: str, source: str, n: int) -> list[str]:
+    """A dataset of ``n`` shards at ``folder``: hard links to the first train shard of ``source``."""
+    m = read_manifest(source)
+    first = m["splits"]["train"]["shards"][0]
+    os.makedirs(folder, exist_ok=True)
+    names = [f"train-{i:06d}.tar" for i in range(n)]
+    for name in names:
+        os.link(first["url"], os.path.join(folder, name))
+    entry = {k: first[k] for k in ("num_samples", "bytes", "sha256")}
+    raw = {k: v for k, v in m.items() if k != "splits"}
+    raw["splits"] = {"train": {"num_samples": n * first["num_samples"], "shards": [dict(entry, url=name) for name in names]}}
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(raw, f)
+    return [os.path.join(folder, name) for name in names]
 
 
 def write_image_folder(root: str, images: int, classes: int) -> None:
@@ -65,6 +147,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--first-batch-shards", default="1000,10000,30000", help="shard counts for the time to first batch")
+    parser.add_argument("--first-batch-repeats", type=int, default=3)
     args = parser.parse_args()
 
     from moto.server import ThreadedMotoServer
@@ -97,12 +181,32 @@ def main() -> None:
         def shards(url: str):
             return lambda epoch: make_loader(url, "train", bs, num_workers=workers, epoch=epoch, transform=transform)
 
+        local_urls = [s["url"] for s in m["splits"]["train"]["shards"]]
+        s3_urls = [s["url"] for s in read_manifest("s3://bench/shards")["splits"]["train"]["shards"]]
+
+        def webdataset(urls: list[str]):
+            return lambda epoch: wds_loader(urls, transform, bs, workers, epoch)
+
         readers = {
             "ImageFolder + DataLoader": image_folder,
             "shards, local folder": shards(local),
             "shards, S3 (moto, loopback)": shards("s3://bench/shards"),
+            "webdataset pipeline, local": webdataset(local_urls),
+            "webdataset pipeline, S3 (boto3)": webdataset(s3_urls),
         }
         results = rates(readers, args.epochs)
+
+        first_batch: dict[int, tuple[float, float, float]] = {}
+        for n in [int(v) for v in args.first_batch_shards.split(",") if v]:
+            folder = os.path.join(tmp, f"many-{n}")
+            urls = many_shards(folder, local, n)
+            ours = first_batch_seconds(lambda f=folder: make_loader(f, "train", bs, num_workers=workers, transform=transform), args.first_batch_repeats)
+            checked = first_batch_seconds(
+                lambda f=folder: make_loader(f, "train", bs, num_workers=workers, transform=transform, check_shards=True), args.first_batch_repeats
+            )
+            theirs = first_batch_seconds(lambda u=urls: wds_loader(u, transform, bs, workers), args.first_batch_repeats)
+            first_batch[n] = (ours, checked, theirs)
+            shutil.rmtree(folder)
     server.stop()
 
     print(f"pipelines benchmark: {args.images} JPEGs 64-128 px, {len(m['splits']['train']['shards'])} shards, "
@@ -113,8 +217,21 @@ def main() -> None:
     folder_ips = results["ImageFolder + DataLoader"][0]
     local_ips = results["shards, local folder"][0]
     s3_ips = results["shards, S3 (moto, loopback)"][0]
-    print(f"  ratio shards-local / ImageFolder: {local_ips / folder_ips:.2f}x (goal >= 1.0)")
-    print(f"  ratio S3 / shards-local:          {s3_ips / local_ips:.2f}x (goal >= 0.9)")
+    wds_local = results["webdataset pipeline, local"][0]
+    wds_s3 = results["webdataset pipeline, S3 (boto3)"][0]
+    print(f"  ratio shards-local / ImageFolder:            {local_ips / folder_ips:.2f}x (goal >= 1.0)")
+    print(f"  ratio ours / webdataset pipeline, local:     {local_ips / wds_local:.2f}x (goal >= 1.0)")
+    print(f"  ratio ours / webdataset pipeline, S3:        {s3_ips / wds_s3:.2f}x (goal >= 1.0)")
+    print(f"  ratio S3 / shards-local:                     {s3_ips / local_ips:.2f}x (goal >= 0.95)")
+    if first_batch:
+        print(f"time to first batch (best of {args.first_batch_repeats}), {workers} workers, batch {bs}:")
+        print(f"  {'shards':>8s} {'ours':>8s} {'ours + per-shard check (old)':>30s} {'webdataset':>11s}")
+        for n, (ours, checked, theirs) in first_batch.items():
+            print(f"  {n:8,d} {ours:7.2f}s {checked:29.2f}s {theirs:10.2f}s")
+        counts = sorted(first_batch)
+        if len(counts) > 1:
+            lo, hi = first_batch[counts[0]][0], first_batch[counts[-1]][0]
+            print(f"  ours at {counts[-1]:,} / at {counts[0]:,} shards: {hi / lo:.2f}x (goal <= 1.2)")
 
 
 if __name__ == "__main__":
