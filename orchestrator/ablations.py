@@ -394,7 +394,9 @@ def score_outcomes(client, trials: list[StudyTrial], outcomes: dict[str, Outcome
         spec = {"kind": kind, "size": size, "resize": resize or None, "protocol": protocol,
                 "mean": manifest["mean"], "std": manifest["std"]}
         print(f"[ablate] scoring {len(members)} final checkpoint(s) on {url} [{split}], {protocol}", flush=True)
-        scores = score_split({"members": members}, url, split, spec, batch_size=batch_size)
+        # Whole images at five scales and flipped: a smaller batch of one shape keeps a task's memory modest.
+        batch = min(batch_size, 16) if protocol == "multi_scale" else batch_size
+        scores = score_split({"members": members}, url, split, spec, batch_size=batch)
         for i, t in enumerate(group):
             m = error_metrics(scores.member_probs[i], scores.labels)
             o = outcomes[t.trial.label]
