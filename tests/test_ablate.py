@@ -240,3 +240,25 @@ def test_a_study_the_cluster_cannot_hold_fails_fast(capsys, ray_local):
     err = capsys.readouterr().err
     assert "trial 'ResNet-18' needs 64 CPU, 8 GPU" in err and "scaling.num_workers" in err
     assert time.perf_counter() - t0 < 20
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("protocols: [center]}      # the digits'", "protocols: [five_crop]}  #",
+         "unknown 'five_crop'; valid: center, ten_crop, multi_scale, multi_scale_center"),
+        ("plain: [plain-20, plain-56], residual: [ResNet-20, ResNet-56]}\n    rows:\n      - {label: plain-20",
+         "plain: [plain-20, plain-99], residual: [ResNet-20, ResNet-56]}\n    rows:\n      - {label: plain-20",
+         "verdict.degradation.plain must be .shallower, deeper. row labels of this scale, got .'plain-20', 'plain-99'.; rows: plain-20"),
+        ("{label: ResNet-20, model: resnet20, paper: resnet20, panel: ResNet}",
+         "{label: ResNet-20, model: resnet20, paper: {ten_crop: resnet20}, panel: ResNet}",
+         "paper for protocol 'ten_crop', but base 'digits' scores with center"),
+    ],
+)
+def test_bad_evaluation_verdict_and_paper_keys_name_the_valid_ones(tmp_path, old, new, message):
+    text = (CONFIG_DIR / "ablate_depth.yaml").read_text()
+    assert text.count(old) == 1
+    path = tmp_path / "ablate_bad.yaml"
+    path.write_text(text.replace(old, new))
+    with pytest.raises(ConfigError, match=message):
+        load_study(str(path), "demo")
