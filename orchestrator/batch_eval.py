@@ -153,7 +153,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, trust_model
 def _score_slice(source: dict, data_url: str, split: str, rank: int, world: int, spec: dict, batch_size: int):
     torch.set_num_threads(1)
     if "model_uri" in source:
-        _, members = load_registered(source["model_uri"], source.get("tracking_uri"))
+        _, members = load_registered(source["model_uri"], source.get("tracking_uri"), source.get("trust_model"))
     else:
         members = [build_member(s, sd) for s, sd in source["members"]]
     # The real multi-scale test keeps each image's aspect ratio: read one image at a time and batch by shape.
@@ -268,19 +268,25 @@ def evaluate_registered(
     """The `evaluate` command: load, check, score on the cluster, write predictions, log to MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from . import tracking
-    from .cluster import ensure_ray
+    from . import preflight, tracking
+    from .cluster import check_worker_credentials, ensure_ray, storage_url, user_path
 
-    ensure_ray()
+    # Before any work: paths resolved where the user ran the command, data, storage and store checked.
+    data_url, storage = user_path(data_url, "--data"), storage_url(storage)
+    manifest = preflight.check_data(data_url, [split], "--data")
+    preflight.check_storage(storage)
     uri = tracking.tracking_uri()
+    preflight.check_tracking(uri)
     meta, _ = load_registered(model_uri, uri)
-    manifest = pipelines.read_manifest(data_url)
     check_classes(meta, manifest, data_url)
-    if split not in manifest.get("splits", {split: None}):
-        raise EvaluationError(f"{data_url} has no split {split!r}; splits: {', '.join(manifest['splits'])}")
+    ensure_ray()
+    check_worker_credentials([data_url, storage])
     spec = transform_spec(meta, protocol)
     print(f"[evaluate] {model_uri} on {data_url} [{split}], protocol {spec['protocol']}", flush=True)
-    scores = score_split({"model_uri": model_uri, "tracking_uri": uri}, data_url, split, spec, batch_size=batch_size)
+    # The tasks decide as the driver did: --trust-model reaches them on a cluster this command did not start.
+    trust = os.environ.get("RESNET_TRUST_MODEL") == "1"
+    scores = score_split({"model_uri": model_uri, "tracking_uri": uri, "trust_model": trust}, data_url, split, spec,
+                         batch_size=batch_size)
     metrics = error_metrics(scores.probs, scores.labels)
     safe = model_uri.replace("models:/", "").replace("@", "-").replace("/", "-").replace(":", "-")
     out = write_predictions(scores, f"{storage.rstrip('/')}/predictions/{safe}-{split}.parquet")
@@ -289,13 +295,18 @@ def evaluate_registered(
     tags = {"model_uri": model_uri, "predictions": out, "mlflow.runName": f"evaluate {safe} {split}"}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(tracking.experiment_id(client, experiment), tags=tags)
-    params = {"model_uri": model_uri, "data": data_url, "split": split, "protocol": spec["protocol"], "n": metrics["n"]}
-    for k, v in params.items():
-        client.log_param(run.info.run_id, k, v)
-    for k in ("top1_err", "top5_err", "log_loss"):
-        client.log_metric(run.info.run_id, f"{split}_{k}", metrics[k])
-    client.log_text(run.info.run_id, json.dumps({"predictions": out, **metrics}, indent=2), "evaluation.json")
+    run = client.create_run(tracking.experiment_id(client, experiment), tags={**tracking.source_tags(), **tags})
+    try:
+        params = {"model_uri": model_uri, "data": data_url, "split": split, "protocol": spec["protocol"], "n": metrics["n"]}
+        for k, v in params.items():
+            client.log_param(run.info.run_id, k, v)
+        tracking.log_dataset(client, run.info.run_id, manifest, data_url, split, "evaluation")
+        for k in ("top1_err", "top5_err", "log_loss"):
+            client.log_metric(run.info.run_id, f"{split}_{k}", metrics[k])
+        client.log_text(run.info.run_id, json.dumps({"predictions": out, **metrics}, indent=2), "evaluation.json")
+    except BaseException as e:  # never left RUNNING
+        tracking.mark_failed(client, run.info.run_id, e)
+        raise
     client.set_terminated(run.info.run_id)
     print(
         f"[evaluate] {metrics['n']} samples: top-1 err {metrics['top1_err']:.2f}%  top-5 err {metrics['top5_err']:.2f}%  "

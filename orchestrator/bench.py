@@ -312,8 +312,7 @@ def ray_train_rate(spec: BenchSpec) -> float:
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
-    from .cluster import check_fits, ensure_ray
-    from .train import forwarded_env
+    from .cluster import check_fits, ensure_ray, forwarded_env
 
     cfg = spec.cfg
     ensure_ray()

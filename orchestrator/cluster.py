@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -13,6 +14,117 @@ class ClusterTooSmall(RuntimeError):
     """The job asks for more than the cluster has: it would wait forever."""
 
 
+class UserPathError(ValueError):
+    """A relative path that would land in a temporary folder; the message says what to pass instead."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths the user typed. `ray job submit --working-dir .` runs the job inside Ray's package cache
+# (/tmp/ray/session_*/runtime_resources/working_dir_files/_ray_pkg_*), which Ray deletes: a relative
+# path there ("runs", "data/digits", MLflow's "./mlflow.db") would put results where they are lost.
+# The submitting side passes the folder the user ran the command in as ORCHESTRATOR_CWD.
+
+CWD_ENV = "ORCHESTRATOR_CWD"
+
+
+def in_ray_package_cache(path: str | None = None) -> bool:
+    return "runtime_resources" in Path(path or os.getcwd()).resolve().parts
+
+
+def user_cwd() -> Path:
+    """The folder relative paths are resolved against: where the user ran the command."""
+    if os.environ.get(CWD_ENV):
+        return Path(os.environ[CWD_ENV])
+    return Path.cwd()
+
+
+def user_path(path: str, what: str = "path") -> str:
+    """`path` made absolute against the user's folder (URLs such as s3://... are returned as they are)."""
+    parsed = urlparse(path)
+    if parsed.scheme not in ("", "file"):
+        return path
+    local = Path(parsed.path if parsed.scheme else path).expanduser()
+    if local.is_absolute():
+        return str(local)
+    if not os.environ.get(CWD_ENV) and in_ray_package_cache():
+        raise UserPathError(
+            f"{what} {path!r} is relative, and this job runs in Ray's package cache ({os.getcwd()}), which Ray "
+            "deletes: pass an absolute path or an s3:// URL, or submit with `python -m orchestrator.submit`, "
+            f"which passes your folder as {CWD_ENV}"
+        )
+    return str((user_cwd() / local).resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# What travels to the workers. Secrets never do: Ray writes runtime-env variables in plain text to
+# its logs and shows them in its state API. Workers get credentials the way the platform provides
+# them (the node's environment, an instance profile or IRSA, an AWS profile or credentials file).
+
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION", "AWS_S3_ADDRESSING_STYLE", "MLFLOW_TRACKING_URI",
+    "ORCHESTRATOR_GIT_COMMIT", "ORCHESTRATOR_USER", CWD_ENV,
+)
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
+              "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME")
+
+
+def forwarded_env() -> dict:
+    """Non-secret settings the workers need to reach the same S3 endpoint and MLflow store as the driver."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    try:  # an S3-compatible endpoint that is not AWS: the same checksum and addressing settings everywhere
+        from pipelines.storage import s3_compat_env
+
+        env.update({k: v for k, v in s3_compat_env().items() if k not in env})
+    except ImportError:
+        pass
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if "@" in urlparse(uri).netloc:  # user:password@host: a secret inside a setting
+        env.pop("MLFLOW_TRACKING_URI")
+    return env
+
+
+def _credentials_source() -> str | None:
+    import boto3
+
+    creds = boto3.Session().get_credentials()
+    return getattr(creds, "method", "unknown") if creds else None
+
+
+@ray.remote(num_cpus=0)
+def _worker_credentials_source() -> str | None:
+    return _credentials_source()
+
+
+def check_worker_credentials(urls: list[str]) -> None:
+    """When the job reads or writes S3 and the driver has AWS credentials, every node must have some
+    too (they are never forwarded): fail before any work, saying how to give them to the cluster."""
+    if not any(urlparse(u).scheme == "s3" for u in urls if u):
+        return
+    mine = _credentials_source()
+    if mine is None:
+        return  # the driver has none either: the manifest check already said so, or the bucket is public
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    refs = {
+        n["NodeManagerAddress"] + ":" + n["NodeID"][:8]: _worker_credentials_source.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+            runtime_env={"env_vars": forwarded_env()},
+        ).remote()
+        for n in nodes
+    }
+    lacking = [node for node, ref in refs.items() if ray.get(ref, timeout=60) is None]
+    if lacking:
+        raise ClusterTooSmall(
+            f"the Ray nodes {', '.join(lacking)} have no AWS credentials, but this job uses S3 (the driver has "
+            f"credentials from {mine!r}). Credentials are never sent with a job: start the nodes with "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in their environment, give them an instance profile or "
+            "IRSA (infra/), or an AWS profile or credentials file on every node (AWS_SHARED_CREDENTIALS_FILE)"
+        )
+
+
 def ensure_ray() -> None:
     """Inside `ray job submit` (RAY_ADDRESS set) join that cluster; otherwise start a local one.
 
@@ -21,14 +133,56 @@ def ensure_ray() -> None:
     """
     if ray.is_initialized():
         return
+    # Our Tune trials' drivers ask for 0.01 CPU by design; the raylet then warns about "N worker
+    # processes ... Nx the maximum expected startup concurrency" at every start. Allow more concurrent starts.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "8")
     token = Path.home() / ".ray" / "auth_token"
-    if os.environ.get("RAY_ADDRESS") and token.exists():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ.get("RAY_ADDRESS") and token.exists() and not os.environ.get("RAY_AUTH_MODE"):
+        from .local_cluster import enable_token_auth
+
+        enable_token_auth()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        # A private local cluster for this process; the dashboard is not needed for it.
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # A private local cluster for this process (stopped when it exits): loopback only, free ports,
+        # token auth, the dashboard on (Ray Train asks the state API about its controller, and warns
+        # at every poll when it is missing). See local_cluster.py.
+        from .local_cluster import connect
+
+        connect()
+    _drop_known_noise()
+
+
+# Lines Ray and MLflow print that a user can do nothing about; everything else reaches the console.
+KNOWN_NOISE = re.compile("|".join([
+    r"PYTHON worker processes have been started on node",  # raylet: fractional-CPU Tune drivers, by design
+    r"has constructor arguments in the object store and max_restarts > 0",  # Ray Train's own PreemptionWatcher
+    r"State API may be temporarily unavailable", r"Failed to query Ray Train Controller actor state",
+    r"Saving pytorch model by Pickle or CloudPickle",  # deliberate: the nets stay fully convolutional
+    r"Passing a Python object as `python_model` causes it to be serialized",  # deliberate, see ensemble_model
+    r"Add type hints to the `predict` method", r"^\s*color_warning\(",  # our signature is explicit
+]))
+
+
+def _drop_known_noise() -> None:
+    """Filter the worker log lines streamed to this driver (Ray 2.60's dispatcher, pinned)."""
+    import functools
+
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    if not any(name == "ray_print_logs" for name, _ in getattr(dispatcher, "handlers", [])):
+        return
+    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+    print_logs = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
+
+    def filtered(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not KNOWN_NOISE.search(line)]
+        if lines:
+            print_logs({**data, "lines": lines})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
 
 
 def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str = "the job") -> None:
@@ -53,9 +207,10 @@ def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: st
 
 def storage_url(url: str) -> str:
     """`url` with a local folder made absolute (Ray workers and Tune trials run in other directories)."""
-    if urlparse(url).scheme in ("", "file"):
-        return storage_for_ray(url)[0]
-    return url
+    return user_path(url, "storage")
+
+
+S3_ATTEMPTS = int(os.environ.get("ORCHESTRATOR_S3_ATTEMPTS", "20"))
 
 
 def storage_for_ray(url: str):
@@ -73,8 +228,12 @@ def storage_for_ray(url: str):
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             kwargs["region"] = region
+        # Retries sized to real outages: the SDK's standard strategy (exponential backoff with jitter,
+        # capped at 20 s) over 20 attempts rides out an S3 endpoint that is gone for 30 s; the default 3
+        # attempts gave up within a second and cost a worker-group restart, or failed a finished run.
+        kwargs["retry_strategy"] = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
         fs = pyarrow.fs.S3FileSystem(**kwargs)
         return f"{parsed.netloc}{parsed.path}".rstrip("/"), fs
     if parsed.scheme not in ("", "file"):
         raise ValueError(f"storage URL {url!r}: use a local folder or s3://bucket/prefix")
-    return str(Path(parsed.path if parsed.scheme else url).expanduser().resolve()), None
+    return user_path(url, "storage"), None

@@ -92,6 +92,7 @@ class CheckpointConfig:
     every_epochs: int = 1
     keep_best: int = 2  # best by val top-1 error; the latest is always kept for resume
     max_failures: int = 2  # worker-group restarts from the last checkpoint
+    node_wait_s: float = 300.0  # how long a run waits for lost nodes to come back before it fails
 
 
 @dataclass

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-import pipelines
-
 from . import tracking
 from .batch_eval import (
     EvaluationError,
@@ -91,6 +89,14 @@ def load_ensemble_config(path: str | None, overrides: list[str] = ()) -> tuple[E
     """The ensemble config; `train.<key>=v` overrides go to every member's recipe, others to the ensemble."""
     data = load_yaml(path or DEFAULT_CONFIG)
     member_overrides = [o[len("train."):] for o in overrides if o.startswith("train.")]
+    for o in member_overrides:  # keys every member sets itself: an override would be silently ignored
+        key = o.split("=", 1)[0]
+        if key == "model.name" or key.startswith("model.overrides") or key == "tracking.experiment":
+            raise ConfigError(
+                f"train.{key}: each member sets its own {key.split('.')[0]}.{key.split('.')[1]}, so this override "
+                "would not take effect; change the members in the ensemble config"
+                + (" (members[*].model / members[*].overrides)" if key.startswith("model") else " (its `experiment`)")
+            )
     data = apply_overrides(data, [o for o in overrides if not o.startswith("train.")])
     cfg = from_dict(EnsembleConfig, data)
     cfg.base_overrides = [*cfg.base_overrides, *member_overrides]
@@ -131,10 +137,13 @@ class Member:
 
 
 def _state_from_file(path: str, member: MemberSpec | None = None) -> dict:
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise EvaluationError(f"member checkpoint {path!r} does not exist") from None
+    from .cluster import user_path
+    from .train import load_checkpoint
+
+    path = user_path(path, "member checkpoint")
+    if not Path(path).exists():
+        raise EvaluationError(f"member checkpoint {path!r} does not exist")
+    state = load_checkpoint(Path(path), path)  # verified against its sha256 sidecar when it has one
     ours = isinstance(state, dict) and "model" in state and "optimizer" in state
     if member is not None:
         _check_layout(member, state.get("config") if ours else None, path)
@@ -323,19 +332,29 @@ def decide_champion(
 def run_ensemble(config_path: str | None, overrides: list[str], storage: str | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from .cluster import ensure_ray
-    from .train import ensure_data
+    from . import preflight as checks
+    from .cluster import storage_url, user_path
+    from .train import check_cluster, ensure_data
 
+    # Before any work: the config, the data (written only when it is the local demo folder), the
+    # storage, the MLflow store and the cluster, each failing in seconds with one line.
     cfg, members = load_ensemble_config(config_path, overrides)
-    storage = storage or cfg.storage
+    storage = storage_url(storage or cfg.storage)
     base = member_train_config(cfg, MemberSpec(label="base", model=next((m.model for m in members if m.model), "resnet20")))
+    base.data.url = user_path(base.data.url, "train.data.url")
+    cfg.base_overrides = [*cfg.base_overrides, f"data.url={base.data.url}"]
     data_url = base.data.url
     ensure_data(base, cfg.source)
-    manifest = pipelines.read_manifest(data_url)
+    member_cfgs = [member_train_config(cfg, m) for m in members if not (m.checkpoint or m.mlflow_run)]
+    manifest = checks.check_data(
+        data_url, [base.data.train_split, base.data.val_split, cfg.evaluation.split, cfg.batch_eval.split], "train.data.url"
+    )
     classes = list(manifest["classes"])
-    ensure_ray()
-
+    checks.check_storage(storage)
     uri = tracking.tracking_uri()
+    checks.check_tracking(uri)
+    check_cluster(member_cfgs or [base], "an ensemble member")
+
     client = MlflowClient(uri)
     cfg_hash = hashlib.sha256(json.dumps(
         {"cfg": to_dict(cfg), "members": [to_dict(m) for m in members]}, sort_keys=True, default=str
@@ -345,11 +364,24 @@ def run_ensemble(config_path: str | None, overrides: list[str], storage: str | N
         client, cfg.experiment, parent_name,
         {"name": cfg.name, "base": cfg.base, "members": ",".join(m.label for m in members),
          "protocol": cfg.evaluation.protocol, "data": data_url},
-        {"kind": "ensemble"},
+        {"kind": "ensemble", "mlflow.runName": cfg.name},
     )
     client.set_terminated(parent_run_id, "RUNNING")
     print(f"[ensemble] {parent_name}: {len(members)} members, MLflow run {parent_run_id} at {uri}", flush=True)
+    try:
+        return _run_ensemble(cfg, members, manifest, classes, data_url, storage, client, parent_run_id)
+    except BaseException as e:  # the parent run is never left RUNNING
+        from .train import TrainingFailed
 
+        tracking.mark_failed(client, parent_run_id, e)
+        if isinstance(e, RuntimeError) and not isinstance(e, TrainingFailed) and str(e).startswith("members failed"):
+            raise TrainingFailed(str(e)) from None
+        raise
+
+
+def _run_ensemble(cfg: EnsembleConfig, members: list[MemberSpec], manifest: dict, classes: list, data_url: str,
+                  storage: str, client, parent_run_id: str) -> dict:
+    tracking.log_dataset(client, parent_run_id, manifest, data_url, cfg.evaluation.split, "validation")
     got = gather_members(cfg, members, classes, storage, parent_run_id, client)
     meta = ensemble_metadata(cfg, got, manifest, data_url)
     spec = transform_spec(meta)
@@ -374,6 +406,26 @@ def run_ensemble(config_path: str | None, overrides: list[str], storage: str | N
     batch = evaluate_registered(
         evaluated_uri, data_url, cfg.batch_eval.split, storage, experiment=cfg.experiment, parent_run_id=parent_run_id
     )
+    description = describe(cfg, got, rows, batch, data_url, decision)
+    tracking.set_tags(client, parent_run_id, {"mlflow.note.content": description})
+    client.update_model_version(cfg.name, version, description=description)
     client.set_terminated(parent_run_id, "FINISHED")
     return {"table": table, "rows": rows, "model_uri": model_uri, "version": version, "decision": decision,
-            "batch": batch, "parent_run_id": parent_run_id, "members": got, "scores": scores}
+            "batch": batch, "parent_run_id": parent_run_id, "members": got, "scores": scores,
+            "experiment_id": tracking.experiment_id(client, cfg.experiment)}
+
+
+def describe(cfg: EnsembleConfig, members: list[Member], rows: dict, batch: dict, data_url: str, decision: str) -> str:
+    """What the parent run and the registered version say about themselves in the MLflow UI."""
+    split, test = cfg.evaluation.split, cfg.batch_eval.split
+    lines = [
+        f"Ensemble of {len(members)} ResNets (softmax average): "
+        + ", ".join(f"{m.label} ({m.spec['model']})" for m in members) + ".",
+        f"Data: {data_url}. Protocol: {cfg.evaluation.protocol}.",
+        f"{split} top-1 error: ensemble {rows['ensemble']['top1_err']:.2f}% ("
+        + ", ".join(f"{k} {v['top1_err']:.2f}%" for k, v in rows.items() if k != "ensemble") + ").",
+    ]
+    if "top1_err" in batch:
+        lines.append(f"{test} top-1 error: {batch['top1_err']:.2f}% (batch evaluation of the registered model).")
+    lines.append(f"Registry: {decision}.")
+    return "\n\n".join(lines)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 
 from .config import ConfigError
 
@@ -42,16 +44,70 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_environment() -> None:
+    """Before Ray is imported: every worker's epoch line must reach the console. Ray's log
+    deduplication folds lines that look alike across workers (it swallowed epoch lines), and no
+    warning should reach a user that they cannot act on."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not os.environ.get("RAY_ADDRESS"):  # a private local cluster: on loopback only (see local_cluster.py)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per member download
+    # MLflow's advice on type hints and input examples is for pyfunc authors; our signature is explicit.
+    warnings.filterwarnings("ignore", message=".*[Tt]ype hint.*")
+    warnings.filterwarnings("ignore", message=".*input_example.*")
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # a new mlflow.db announces its tables
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # the S3 endpoint's settings (checksums only when required) for this process and its children
+        from pipelines.storage import s3_compat_env
+
+        for k, v in s3_compat_env().items():
+            os.environ.setdefault(k, v)
+    except ImportError:
+        pass
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or an impossible request: one line, exit code 2."""
+    from pipelines import DataError, ManifestMismatchError, StorageError
+
+    from .batch_eval import EvaluationError
+    from .cluster import ClusterTooSmall, UserPathError
+    from .local_cluster import LocalClusterError
+    from .train import CheckpointIntegrityError
+
+    return (ConfigError, DataError, ManifestMismatchError, StorageError, EvaluationError, ClusterTooSmall,
+            UserPathError, LocalClusterError, CheckpointIntegrityError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_environment()
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
+    os.environ.setdefault("ORCHESTRATOR_COMMAND", "python -m orchestrator.run " + " ".join(argv[:1]))
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from .train import TrainingFailed
+
+        if isinstance(e, input_errors()):
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        if isinstance(e, TrainingFailed):
+            print(f"error: training failed: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return " ".join(lines[:3]) if lines else type(e).__name__
 
 
 if __name__ == "__main__":

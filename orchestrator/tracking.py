@@ -5,11 +5,16 @@ Clients are made here and passed around; only the driver and rank 0 call these f
 
 from __future__ import annotations
 
+import getpass
 import io
 import json
+import os
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -20,12 +25,36 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else MLflow's default local SQLite store (made absolute, so Ray
-    workers with another working directory write to the same store)."""
-    return mlflow.get_tracking_uri()
+    """MLFLOW_TRACKING_URI when set, else `mlflow.db` in the user's folder. A relative SQLite or file
+    path is made absolute against the folder the user ran the command in (never against Ray's copy
+    of the working directory, which Ray deletes), and exported, so Ray workers use the same store."""
+    from .cluster import user_path
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + user_path(uri[len("sqlite:///"):], "MLflow store")
+    elif urlparse(uri).scheme in ("", "file"):
+        uri = user_path(uri, "MLflow store")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    if mlflow.get_tracking_uri() != uri:  # the fluent API (log_model, start_run) uses the same store
+        mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def artifact_root(uri: str, name: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local SQLite store (`mlartifacts/`), an
+    absolute and durable folder; a tracking server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / folder).resolve().as_uri()
+    return None
 
 
 def git_commit() -> str:
+    """The code's commit: passed in by the submitting side under `ray job submit` (which leaves .git
+    out of the upload), else read from the checkout."""
+    if os.environ.get("ORCHESTRATOR_GIT_COMMIT"):
+        return os.environ["ORCHESTRATOR_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
@@ -35,9 +64,44 @@ def git_commit() -> str:
         return "unknown"
 
 
+# The MLflow UI opens an experiment on its GenAI trace overview unless it is marked as model training.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    if exp:
+        if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_TAGS["mlflow.experimentKind"]:
+            for k, v in EXPERIMENT_TAGS.items():
+                client.set_experiment_tag(exp.experiment_id, k, v)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri, name), tags=EXPERIMENT_TAGS)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent trial
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def source_tags(label: str | None = None) -> dict:
+    """Who ran what, for the runs table: user, source (the command), git commit."""
+    commit = git_commit()
+    tags = {
+        "mlflow.user": os.environ.get("ORCHESTRATOR_USER") or _user(),
+        "mlflow.source.name": os.environ.get("ORCHESTRATOR_COMMAND") or "python -m orchestrator.run " + " ".join(sys.argv[1:2]),
+        "mlflow.source.type": "JOB",
+        "git_commit": commit,
+    }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    if label:
+        tags["mlflow.runName"] = label
+    return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def find_run(client: MlflowClient, exp_id: str, name: str):
@@ -59,10 +123,10 @@ def find_or_create_run(
     run = find_run(client, exp_id, name)
     if run:
         return run.info.run_id, run.info.status == "FINISHED"
-    all_tags = {RUN_NAME_TAG: name, "git_commit": git_commit(), "mlflow.runName": name, **tags}
+    all_tags = {RUN_NAME_TAG: name, **source_tags(), "mlflow.runName": name, **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    run = client.create_run(exp_id, run_name=all_tags["mlflow.runName"], tags=all_tags)
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
@@ -118,3 +182,33 @@ def error_plot_png(client: MlflowClient, run_id: str, title: str) -> bytes:
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def mark_failed(client: MlflowClient, run_id: str, error: BaseException | str) -> None:
+    """A run whose job failed: FAILED, with the error's first line as a tag (best effort: the error
+    being reported matters more than this bookkeeping)."""
+    text = str(error).strip().splitlines()
+    try:
+        set_tags(client, run_id, {"error": (text[0] if text else type(error).__name__)[:4000]})
+        client.set_terminated(run_id, "FAILED")
+    except Exception as e:  # noqa: BLE001
+        print(f"[mlflow] could not mark run {run_id} FAILED: {e}", file=sys.stderr, flush=True)
+
+
+def log_dataset(client: MlflowClient, run_id: str, manifest: dict, url: str, split: str, context: str) -> None:
+    """The data a run reads, as an MLflow dataset input (the runs table's Dataset column): the
+    manifest's URL and split, with a digest of the split's shard checksums."""
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    entry = manifest.get("splits", {}).get(split, {})
+    sums = "".join(sh.get("sha256", "") for sh in entry.get("shards", []))
+    ds = Dataset(
+        name=f"{Path(urlparse(url).path).name or url}/{split}",
+        digest=hashlib.sha256(sums.encode()).hexdigest()[:12],
+        source_type="s3" if url.startswith("s3://") else "local",
+        source=json.dumps({"uri": f"{url.rstrip('/')}/manifest.json", "split": split}),
+        profile=json.dumps({"num_samples": entry.get("num_samples"), "num_classes": len(manifest.get("classes", []))}),
+    )
+    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])

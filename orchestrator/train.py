@@ -6,11 +6,13 @@ driver that builds the TorchTrainer. The worker knows nothing of Tune; Tune wrap
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,6 +24,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy  # Ray 2.60 (pinned)
+from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+from ray.train.v2.api.config import LoggingConfig
 
 import models
 import pipelines
@@ -31,6 +37,45 @@ from .config import TrainConfig, derived, flatten, from_dict, run_name, to_dict
 from .scoring import correct_topk, view_averaged_probs
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKSUM_FILE = "checkpoint.pt.sha256"  # beside every checkpoint: what was written is what is read back
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """A checkpoint whose bytes differ from the checksum written with it."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(state: dict, folder: Path) -> None:
+    torch.save(state, folder / CHECKPOINT_FILE)
+    (folder / CHECKSUM_FILE).write_text(_sha256(folder / CHECKPOINT_FILE) + "\n")
+
+
+def load_checkpoint(path: Path, where: str) -> dict:
+    """A checkpoint file, verified against its sha256 sidecar, loaded with weights_only=True.
+
+    `where` names the stored object (e.g. s3://bucket/runs/NAME/epoch_0003/checkpoint.pt) in the error."""
+    path = Path(path)
+    sidecar = path.with_name(CHECKSUM_FILE)
+    if sidecar.exists():
+        want, got = sidecar.read_text().split()[0], _sha256(path)
+        if want != got:
+            raise CheckpointIntegrityError(
+                f"checkpoint {where} is corrupt: its sha256 is {got[:12]}..., {CHECKSUM_FILE} says {want[:12]}... "
+                f"({path.stat().st_size} bytes). Likely causes: an S3-compatible store that kept aws-chunked "
+                "framing inside the object (set AWS_REQUEST_CHECKSUM_CALCULATION=when_required), or the object "
+                "was overwritten. Delete that checkpoint folder to resume from an earlier one."
+            )
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise CheckpointIntegrityError(f"checkpoint {where} cannot be loaded: {str(e).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +205,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, device: 
 # The loop each Ray Train worker runs.
 
 
+def say(line: str) -> None:
+    """One line to the console, once. Ray Train V2 patches `print` in workers to write to stdout and
+    to its logger (stderr) too, so a printed line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _quiet_ray_train_reports() -> None:
     """Ray Train logs every report at INFO under a logger named by file path, out of LoggingConfig's
     reach; our one line per epoch is the progress."""
@@ -201,14 +253,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+            state = load_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, f"{ckpt.path}/{CHECKPOINT_FILE}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
         plateau, warm = state["plateau"], state["warm"]
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         if rank == 0:
-            print(f"[resume] from epoch {start_epoch} (iteration {step})", flush=True)
+            say(f"[{loop_config.get('label') or cfg.model.name}] resume from epoch {start_epoch + 1} (iteration {step})")
 
     # (1) Wrap in DDP and move to this worker's device: gloo on CPU, NCCL on GPU.
     model = ray.train.torch.prepare_model(model)
@@ -236,7 +288,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = tracking.EpochLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and cfg.scaling.bf16)
 
+    label = loop_config.get("label") or loop_config.get("name", cfg.model.name)
+    epoch_seconds: list[float] = []
     for epoch in range(start_epoch, cfg.schedule.epochs):
+        epoch_start = time.perf_counter()
         # (2) Every rank gets the same number of batches per epoch (the loader guarantees it), so
         # DDP's gradient all-reduce never waits on a rank that ran out of data.
         loader = pipelines.make_loader(
@@ -251,7 +306,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             marker = Path(cfg.debug.kill_marker)
             if cfg.debug.kill_marker and not marker.exists():
                 marker.write_text(f"killed rank {rank} at epoch {epoch}\n")
-                print(f"[fault drill] killing worker rank {rank} at epoch {epoch}", flush=True)
+                say(f"[fault drill] killing worker rank {rank} at epoch {epoch}")
                 os._exit(1)
 
         model.train()
@@ -327,7 +382,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if rank == 0:  # (4) one copy of the state: rank 0 writes, Ray uploads it
-                    torch.save(
+                    save_checkpoint(
                         {
                             "model": bare.state_dict(),
                             "optimizer": opt.state_dict(),
@@ -340,7 +395,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             "config": loop_config["train"],
                             "classes": list(classes),
                         },
-                        Path(tmp) / CHECKPOINT_FILE,
+                        Path(tmp),
                     )
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
@@ -350,15 +405,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # After the report: an epoch lost to a failure before its checkpoint is re-run, and the
             # logger skips epochs already logged, so MLflow never counts an epoch twice.
             logger.log(epoch, step, metrics)
+            epoch_seconds.append(time.perf_counter() - epoch_start)
+            left = cfg.schedule.epochs - epoch - 1
+            eta = left * sum(epoch_seconds[-3:]) / len(epoch_seconds[-3:])
             print(
-                f"[{loop_config.get('name', cfg.model.name)}] epoch {epoch + 1}/{cfg.schedule.epochs}  loss {metrics['train_loss']:.3f}  "
+                f"[{label}] epoch {epoch + 1}/{cfg.schedule.epochs}  loss {metrics['train_loss']:.3f}  "
                 f"train err {metrics['train_top1_err']:.2f}%  val err {val['top1_err']:.2f}% "
-                f"(top-5 {val['top5_err']:.2f}%)  lr {lr:.4g}  {metrics['images_per_sec']:.0f} img/s"
+                f"(top-5 {val['top5_err']:.2f}%)  lr {lr:.4g}  {metrics['images_per_sec']:.0f} img/s  "
+                f"{epoch_seconds[-1]:.0f} s/epoch  ETA {_duration(eta)}"
                 f"{f'  skipped {skipped:.0f} bad samples' if cfg.data.on_error == 'skip' else ''}",
                 flush=True,
             )
         if last:
             break  # max_iters reached before the last epoch
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,62 +439,162 @@ class FitResult:
 
 
 def ensure_data(cfg: TrainConfig, source: str | None) -> None:
-    """Write the demo shards first when the config names a source and the manifest is missing."""
-    if not source:
+    """Write the demo shards when the config names a source and its local folder is missing or empty.
+
+    Never to an S3 URL and never into a folder that holds something else: a mistyped URL is an error
+    (the preflight's), not a place to write the demo data."""
+    from pipelines.storage import is_s3
+
+    from .cluster import user_path
+
+    if not source or is_s3(cfg.data.url):
         return
-    try:
-        pipelines.read_manifest(cfg.data.url)
-    except Exception:  # noqa: BLE001 - any failure to read means: not written yet
-        print(f"[data] writing {source} shards to {cfg.data.url}", flush=True)
-        from pipelines.shards import main as shards_main
+    cfg.data.url = user_path(cfg.data.url, "data.url")
+    folder = Path(cfg.data.url)
+    if folder.is_dir() and any(folder.iterdir()):
+        return
+    print(f"[data] writing {source} shards to {cfg.data.url}", flush=True)
+    from pipelines.shards import main as shards_main
 
-        shards_main(["write", "--source", source, "--out", cfg.data.url])
-
-
-# Settings the workers need to reach the same S3 endpoint and MLflow store as the driver. On a real
-# cluster they come from the nodes' environment (instance roles); forwarding covers local clusters.
-FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI",
-)
+    shards_main(["write", "--source", source, "--out", cfg.data.url])
 
 
-def forwarded_env() -> dict:
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+def preflight(cfg: TrainConfig, storage: str) -> tuple[str, dict]:
+    """Everything the driver can check before Ray Train starts (seconds, one line per failure):
+    paths resolved where the user ran the command, the manifest readable with both splits, the
+    storage writable, the MLflow store reachable. Returns (storage, manifest)."""
+    from . import preflight as checks
+    from .cluster import storage_url, user_path
+
+    cfg.data.url = user_path(cfg.data.url, "data.url")
+    if cfg.data.cache_dir:
+        cfg.data.cache_dir = user_path(cfg.data.cache_dir, "data.cache_dir")
+    storage = storage_url(storage)
+    manifest = checks.check_data(cfg.data.url, [cfg.data.train_split, cfg.data.val_split])
+    checks.check_storage(storage)
+    checks.check_tracking(tracking.tracking_uri())
+    return storage, manifest
 
 
-def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None = None, experiment: str | None = None) -> FitResult:
-    """Train `cfg` on the Ray cluster (starting a local one if needed); resume if this run exists."""
-    import mlflow
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
-
-    from .cluster import check_fits, ensure_ray, storage_for_ray
+def check_cluster(cfgs: list[TrainConfig], what: str) -> None:
+    """The cluster can hold each request, and its nodes can reach S3 when the job uses it."""
+    from .cluster import check_fits, check_worker_credentials, ensure_ray
 
     ensure_ray()
-    check_fits(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, f"training {cfg.model.name}")
+    for c in cfgs:
+        check_fits(c.scaling.num_workers, c.scaling.cpus_per_worker, c.scaling.use_gpu, what)
+    check_worker_credentials([c.data.url for c in cfgs])
+
+
+class _Trainer(ray.train.torch.TorchTrainer):
+    """TorchTrainer whose failure policy does not retry what a retry cannot fix."""
+
+    def _initialize_and_run_controller(self, **kwargs):
+        kwargs["failure_policy"] = DeterministicFailurePolicy(self.run_config.failure_config)
+        return super()._initialize_and_run_controller(**kwargs)
+
+
+class DeterministicFailurePolicy(DefaultFailurePolicy):
+    """Ray's default policy (restart the worker group up to `max_failures` times), except for errors
+    a retry cannot fix (bad data, a corrupt checkpoint, a config error): those fail the run at once,
+    instead of costing a minute of restarts that fail the same way."""
+
+    def make_decision(self, training_failed_error):
+        from .preflight import is_deterministic
+
+        failures = getattr(training_failed_error, "worker_failures", None) or {}
+        if failures and any(is_deterministic(e) for e in failures.values()):
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
+
+
+def _tolerant_delete(fs, fs_path: str) -> None:
+    """Deleting an old checkpoint is housekeeping: a failure (a transient 500 from S3 on
+    ListObjectsV2, measured) must not fail a run whose training finished. It is a warning, and the
+    checkpoint stays in storage."""
+    try:
+        _ray_delete_fs_path(fs=fs, fs_path=fs_path)
+    except Exception as e:  # noqa: BLE001
+        say(f"[checkpoint] warning: could not delete the old checkpoint {fs_path} ({str(e).splitlines()[0]}); it stays")
+
+
+# Ray Train's checkpoint manager runs in its controller, which imports this module to unpickle the
+# failure policy above: that is where its deletions go through `_tolerant_delete` (Ray 2.60, pinned).
+from ray.train.v2._internal.execution.checkpoint import checkpoint_manager as _ray_ckpt_manager  # noqa: E402
+
+_ray_delete_fs_path = getattr(_ray_ckpt_manager.delete_fs_path, "__wrapped__", _ray_ckpt_manager.delete_fs_path)
+_tolerant_delete.__wrapped__ = _ray_delete_fs_path  # a re-import wraps Ray's function, not this one
+_ray_ckpt_manager.delete_fs_path = _tolerant_delete
+
+
+def root_cause(err: BaseException) -> str:
+    """The first line of what went wrong in a worker, without Ray's wrapping."""
+    failures = getattr(err, "worker_failures", None) or {}
+    inner = next(iter(failures.values()), None) if failures else None
+    for e in (inner, getattr(inner, "cause", None), getattr(err, "controller_failure", None)):
+        if e is not None and not isinstance(e, ray.exceptions.RayError):
+            text = str(e).strip().splitlines()
+            return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    text = [line for line in str(inner or err).strip().splitlines() if line.strip()]
+    return text[-1] if text else type(err).__name__
+
+
+class TrainingFailed(RuntimeError):
+    """Training failed on the cluster after its retries; the message is the root cause, one line."""
+
+
+def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None = None, experiment: str | None = None,
+        label: str | None = None, checked: bool = False) -> FitResult:
+    """Train `cfg` on the Ray cluster (starting a local one if needed); resume if this run exists.
+
+    `checked`: the caller already ran the preflight checks (a study or ensemble checks once for all)."""
+    import mlflow
+
+    storage, manifest = preflight(cfg, storage)
+    if not checked:
+        check_cluster([cfg], f"training {cfg.model.name}")
     name = run_name(cfg)
+    label = label or name
     uri = tracking.tracking_uri()
     client = mlflow.tracking.MlflowClient(uri)
     params = {**flatten(to_dict(cfg)), **{f"derived.{k}": v for k, v in derived(cfg).items()}}
     run_id, finished = tracking.find_or_create_run(
-        client, experiment or cfg.tracking.experiment, name, params, {"model": cfg.model.name}, parent_run_id
+        client, experiment or cfg.tracking.experiment, name, params,
+        {"model": cfg.model.name, "mlflow.runName": label}, parent_run_id,
     )
     if finished:  # an earlier invocation completed this run: nothing to train again
         return finished_result(client, run_id, name, cfg)
+    try:
+        return _fit_run(cfg, storage, manifest, client, uri, run_id, name, label)
+    except BaseException as e:  # any failure once the run exists: FAILED, with the error, never left RUNNING
+        tracking.mark_failed(client, run_id, root_cause(e) if isinstance(e, ray.train.TrainingFailedError) else e)
+        if isinstance(e, ray.train.TrainingFailedError):
+            raise TrainingFailed(f"{label}: {root_cause(e)}") from None
+        raise
+
+
+def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, run_id: str, name: str, label: str) -> FitResult:
+    from .cluster import forwarded_env, storage_for_ray
+
     tracking.log_dict(client, run_id, to_dict(cfg), "config/train_config.json")
-    print(f"[train] run {name}  (MLflow run {run_id} at {uri})", flush=True)
+    for split, context in ((cfg.data.train_split, "training"), (cfg.data.val_split, "validation")):
+        tracking.log_dataset(client, run_id, manifest, cfg.data.url, split, context)
+    print(f"[train] {label}: run {name}  (MLflow run {run_id} at {uri})", flush=True)
     callbacks = []
     if _in_tune_session():  # per-epoch metrics to Tune (for schedulers such as ASHA)
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
 
-    storage_path, fs = storage_for_ray(storage)  # local folders become absolute paths
-    trainer = TorchTrainer(
+    storage_path, fs = storage_for_ray(storage)
+    # A node that is gone: Ray Train retries the worker group's start every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+    # (60 s); without a limit it would retry until the node came back. Wait at most checkpoint.node_wait_s.
+    start_timeout = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+    controller_retries = max(1, math.ceil(cfg.checkpoint.node_wait_s / start_timeout))
+    trainer = _Trainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id, "name": name},
+        train_loop_config={"train": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id, "name": name,
+                           "label": label},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -440,36 +604,33 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
             name=name,  # deterministic: re-running the same command resumes from the last checkpoint
             storage_path=storage_path,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures,
+                                         controller_failure_limit=controller_retries),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep_best,
                 checkpoint_score_attribute="val_top1_err",
                 checkpoint_score_order="min",
             ),
             logging_config=LoggingConfig(log_level="WARNING"),  # our per-epoch line is the progress
-            worker_runtime_env={"env_vars": forwarded_env()},
+            worker_runtime_env={"env_vars": forwarded_env()},  # never a secret: see cluster.FORWARDED_ENV
             callbacks=callbacks,
         ),
     )
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        tracking.set_tags(client, run_id, {"error": str(e)[:4000]})
-        client.set_terminated(run_id, "FAILED")
-        raise
+    result = trainer.fit()
     if result.error:
-        client.set_terminated(run_id, "FAILED")
         raise result.error
 
     local_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     with result.checkpoint.as_directory() as ckpt_dir:
-        shutil.copy(Path(ckpt_dir) / CHECKPOINT_FILE, local_dir / CHECKPOINT_FILE)
-    state = torch.load(local_dir / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+        for f in (CHECKPOINT_FILE, CHECKSUM_FILE):
+            if (Path(ckpt_dir) / f).exists():
+                shutil.copy(Path(ckpt_dir) / f, local_dir / f)
+    state = load_checkpoint(local_dir / CHECKPOINT_FILE, f"{result.checkpoint.path}/{CHECKPOINT_FILE}")
     final = state["history"][-1] if state["history"] else {}
     _log_final_model(client, run_id, cfg, state, local_dir / CHECKPOINT_FILE)
     client.set_terminated(run_id, "FINISHED")
     print(
-        f"[train] done: {name}  val top-1 err {final.get('val_top1_err', float('nan')):.2f}%  "
+        f"[train] done: {label}  val top-1 err {final.get('val_top1_err', float('nan')):.2f}%  "
         f"checkpoint {result.checkpoint.path}",
         flush=True,
     )
@@ -486,11 +647,17 @@ def download_checkpoint(client, run_id: str) -> tuple[str, dict]:
     """(local path, state) of the final checkpoint a finished run logged to MLflow."""
     import mlflow
 
+    dst = tempfile.mkdtemp()
     path = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}", dst_path=tempfile.mkdtemp(),
-        tracking_uri=client.tracking_uri,
+        run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}", dst_path=dst, tracking_uri=client.tracking_uri,
     )
-    return path, torch.load(path, weights_only=True, map_location="cpu")
+    try:  # runs logged before checksums existed have no sidecar
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"checkpoint/{CHECKSUM_FILE}", dst_path=dst, tracking_uri=client.tracking_uri,
+        )
+    except Exception:  # noqa: BLE001, S110
+        pass
+    return path, load_checkpoint(Path(path), f"MLflow run {run_id} artifact checkpoint/{CHECKPOINT_FILE}")
 
 
 def finished_result(client, run_id: str, name: str, cfg: TrainConfig) -> FitResult:
@@ -506,6 +673,8 @@ def _log_final_model(client, run_id: str, cfg: TrainConfig, state: dict, checkpo
     from mlflow.models import infer_signature
 
     client.log_artifact(run_id, str(checkpoint_file), "checkpoint")
+    if checkpoint_file.with_name(CHECKSUM_FILE).exists():
+        client.log_artifact(run_id, str(checkpoint_file.with_name(CHECKSUM_FILE)), "checkpoint")
     client.log_image(run_id, _png_to_image(tracking.error_plot_png(client, run_id, cfg.model.name)), "error_curves.png")
     if not cfg.tracking.log_model:
         return

@@ -44,7 +44,8 @@ def _trial_driver(params: dict, storage: str, experiment: str, parent_run_id: st
 
     mlflow.set_tracking_uri(tracking_uri)  # Tune runs trials in their own working directories
     cfg = from_dict(TrainConfig, params["trial"]["train"])
-    result = fit(cfg, storage, parent_run_id=parent_run_id, experiment=experiment)
+    result = fit(cfg, storage, parent_run_id=parent_run_id, experiment=experiment, label=params["trial"]["label"],
+                 checked=True)
     tune.report({**{k: v for k, v in result.metrics.items() if isinstance(v, int | float)}, "finished": 1})
 
 

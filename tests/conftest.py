@@ -14,6 +14,11 @@ from collections.abc import Callable, Iterator
 import boto3
 import pytest
 
+# Before anything imports Ray: the tests' clusters stay on loopback (see orchestrator/local_cluster.py),
+# and every worker's line reaches the output (no folding of alike lines).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -67,14 +72,23 @@ def make_bucket(s3_endpoint: str) -> Callable[[str | None], str]:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One real local Ray cluster (2 CPUs) for every test that trains; each start costs seconds."""
+def ray_local(s3_endpoint, tmp_path_factory) -> Iterator[None]:
+    """One real local Ray cluster (2 CPUs) for every test that trains; each start costs seconds.
+
+    Started after the S3 endpoint's settings and test credentials are in the environment: the nodes
+    inherit them, as a real cluster's nodes have their own (credentials never travel with a job)."""
     import ray
 
+    from orchestrator.cluster import _drop_known_noise
+    from orchestrator.local_cluster import connect, stop
+
+    state_file = tmp_path_factory.mktemp("ray") / "cluster.json"
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        connect(state_file, num_cpus=2)  # loopback, token auth, its own ports: as scripts/run.sh starts it
+        _drop_known_noise()
     yield
     ray.shutdown()
+    stop(state_file)
 
 
 @pytest.fixture(scope="session")

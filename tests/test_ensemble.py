@@ -124,9 +124,9 @@ def test_rerun_reuses_members_and_keeps_the_champion_unless_beaten(first, digits
     assert str(tags["champion_version"]) == out["version"] and "champion_val_top1_err" in tags
 
 
-def test_bad_model_uri_and_mismatched_classes_are_clear_errors(first, tracking, tmp_path):
+def test_bad_model_uri_and_mismatched_classes_are_clear_errors(first, tracking, tmp_path, digits_url):
     with pytest.raises(EvaluationError, match="cannot load model 'models:/no-such-model@champion'"):
-        evaluate_registered("models:/no-such-model@champion", "unused", "test", str(tmp_path))
+        evaluate_registered("models:/no-such-model@champion", digits_url, "test", str(tmp_path))
     other = tmp_path / "three"
     assert shards_cli(["write", "--source", "synthetic:classes=3,size=16,train=12,val=6,test=6", "--out", str(other), "--quiet"]) == 0
     with pytest.raises(EvaluationError, match="has 3 classes .* trained on 10 classes"):

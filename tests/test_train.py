@@ -77,10 +77,10 @@ def test_train_learns_survives_a_worker_kill_and_records_everything(
     assert sorted(m.value for m in client.get_metric_history(result.run_id, "epoch")) == epochs
 
 
-def test_a_request_the_cluster_cannot_hold_fails_fast(ray_local, digits_url):
+def test_a_request_the_cluster_cannot_hold_fails_fast(ray_local, digits_url, tmp_path):
     cfg = load_train_config("digits_resnet20.yaml", [f"data.url={digits_url}", "scaling.num_workers=16"])
     with pytest.raises(ClusterTooSmall, match="needs 16 CPU"):
-        fit(cfg, "unused")
+        fit(cfg, str(tmp_path))
     gpu = load_train_config("digits_resnet20.yaml", [f"data.url={digits_url}", "scaling.use_gpu=true"])
     with pytest.raises(ClusterTooSmall, match="GPU"):
-        fit(gpu, "unused")
+        fit(gpu, str(tmp_path))

@@ -65,6 +65,14 @@ def main(args) -> int:
     parts = tuple(x for x in args.parts.split(",") if x)
     if not parts or set(parts) - set(PARTS):
         raise ConfigError(f"--parts {args.parts!r}: choose from {','.join(PARTS)}")
+    from .. import preflight
+    from ..cluster import user_path
+    from ..tracking import tracking_uri
+
+    if args.data:  # before any work: the shards are readable
+        args.data = user_path(args.data, "--data")
+        preflight.check_data(args.data, ["train"], "--data")
+    preflight.check_tracking(tracking_uri())
     gpu = torch.cuda.is_available() and not args.cpu
     size = args.size or (224 if gpu else 64)
     batch = args.batch_size or (256 if gpu else 16)

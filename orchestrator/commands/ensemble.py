@@ -40,8 +40,9 @@ def main(args) -> int:
     uri = tracking_uri()
     print(f"\n[done] registered {out['model_uri']} ({out['decision']})")
     print(f"[done] test predictions: {out['batch']['predictions']}")
+    page = f"#/experiments/{out['experiment_id']}?workflowType=machine_learning"  # the runs table, not GenAI
     if uri.startswith("sqlite:///"):
-        print(f"[done] browse the runs: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+        print(f"[done] browse the runs: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000/{page})")
     else:
-        print(f"[done] MLflow: {uri}")
+        print(f"[done] MLflow: {uri.rstrip('/')}/{page}")
     return 0

@@ -1,0 +1,282 @@
+"""A private Ray cluster on this machine, on loopback, with token authentication: what
+`scripts/run.sh` starts for the embedded default and what the tests start as a multi-node topology.
+
+    python -m orchestrator.local_cluster start --state FILE [--num-cpus N]   # head node
+    python -m orchestrator.local_cluster add-node --state FILE --num-cpus N   # another node
+    python -m orchestrator.local_cluster stop --state FILE                    # only this cluster
+
+- Free ports are chosen for everything Ray would otherwise put on a fixed default (GCS 6379,
+  dashboard 8265, client server 10001, dashboard agent 52365, ...), so it never collides with another
+  Ray cluster or service on the machine.
+- Every node is started with `--node-ip-address 127.0.0.1` and the dashboard on 127.0.0.1, under
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: without it `ray start` turns 127.0.0.1 into the machine's
+  routable address (services.resolve_ip_for_localhost) and the GCS, raylet and agents listen on all
+  interfaces; with it, Ray's gRPC servers and agents bind 127.0.0.1 (infra/README.md, "Loopback").
+- `ray start --head` turns token authentication on; its token is ~/.ray/auth_token. It is created
+  here when missing (a 0600 file in a 0700 folder, as Ray would write it but private) and never
+  turned off.
+- `stop` ends only the processes of this cluster (those started under its own temp dir); `ray stop`
+  would end every Ray process on the machine, other users' clusters included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Keeps 127.0.0.1 as the node's address (Ray 2.60 reads it in ray_constants.ENABLE_RAY_CLUSTER).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def token_path() -> Path:
+    return Path.home() / ".ray" / "auth_token"
+
+
+class LocalClusterError(RuntimeError):
+    """The local cluster could not be started or reached; the message says what to do."""
+
+
+def ensure_token(path: Path | None = None) -> Path:
+    """The Ray token file, created when missing; the file is made 0600 and its folder 0700 either way."""
+    path = path or token_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    if not path.exists() or not path.read_text().strip():
+        # Ray's own generator: 256 random bits as hex (ray/_private/authentication/...token_generator.py).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    return path
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports that are free on 127.0.0.1 right now."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def client_env(state: dict | None = None) -> dict:
+    """Environment for a CLI client or driver of this cluster (token auth on)."""
+    env = {"RAY_AUTH_MODE": "token"}
+    if state:
+        env["RAY_ADDRESS"] = f"http://127.0.0.1:{state['dashboard_port']}"
+    return env
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _node_ports(n_extra: int = 0) -> dict:
+    names = ["node_manager_port", "object_manager_port", "dashboard_agent_listen_port", "dashboard_agent_grpc_port",
+             "runtime_env_agent_port", "metrics_export_port"]
+    ports = free_ports(len(names) + n_extra)
+    return dict(zip(names, ports, strict=False)), ports[len(names):]
+
+
+def _node_flags(ports: dict, num_cpus: float | None, resources: dict | None) -> list[str]:
+    flags = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    for key, port in ports.items():
+        flags.append(f"--{key.replace('_', '-')}={port}")
+    if num_cpus is not None:
+        flags.append(f"--num-cpus={num_cpus:g}")
+    if resources:
+        flags.append(f"--resources={json.dumps(resources)}")
+    return flags
+
+
+def _run_ray(args: list[str], env: dict) -> None:
+    out = subprocess.run([_ray_bin(), *args], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
+        raise LocalClusterError(f"`ray {args[0]}` failed (exit {out.returncode}):\n{tail}")
+
+
+def start(state_file: Path, *, num_cpus: float | None = None, resources: dict | None = None,
+          temp_dir: str | None = None, timeout: float = 90.0, env: dict | None = None) -> dict:
+    """Start a head node; its ports, temp dir and address go to `state_file` (JSON). `env`: the node's
+    environment (default: this process's), which its workers and jobs inherit."""
+    ensure_token()
+    ports, (gcs, dashboard, client) = _node_ports(3)
+    # A short path of its own: Ray's Unix sockets live under it (at most 107 characters).
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # RAY_ADDRESS in every process of the cluster: Ray Train's helpers look their cluster up by "auto",
+    # which fails with "Found multiple active Ray instances" when another cluster runs on the machine.
+    env = {**(os.environ if env is None else env), **LOOPBACK_ENV, "RAY_AUTH_MODE": "token",
+           "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+    _run_ray(
+        ["start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--include-dashboard=true", f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}",
+         *_node_flags(ports, num_cpus, resources)],
+        env,
+    )
+    state = {"gcs_address": f"127.0.0.1:{gcs}", "dashboard_port": dashboard, "temp_dir": temp_dir, "nodes": 1,
+             "node_manager_ports": [ports["node_manager_port"]]}
+    state_file.write_text(json.dumps(state, indent=2))
+    _wait_for_dashboard(state, timeout)
+    return state
+
+
+def add_node(state_file: Path, *, num_cpus: float | None = None, resources: dict | None = None,
+             env: dict | None = None) -> dict:
+    """Start one more node of the cluster in `state_file` (e.g. a second 'machine' for drills)."""
+    state = json.loads(state_file.read_text())
+    ports, _ = _node_ports()
+    env = {**(os.environ if env is None else env), **LOOPBACK_ENV, "RAY_AUTH_MODE": "token",
+           "RAY_ADDRESS": state["gcs_address"]}
+    # With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps the node on 127.0.0.1) `ray start --address`
+    # refuses to add a node ("Multi-node Ray clusters are not supported on Windows and OSX"). Run the
+    # same CLI with only that refusal lifted: this process keeps 127.0.0.1 as given, and the node's own
+    # processes inherit the variable, so they bind loopback like the head's (Ray 2.60, pinned).
+    lift = (
+        "import sys; import ray._private.ray_constants as c; import ray._private.services as s; "
+        "s.resolve_ip_for_localhost = lambda a: a; c.ENABLE_RAY_CLUSTER = True; "
+        "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()"
+    )
+    argv = ["start", f"--address={state['gcs_address']}", *_node_flags(ports, num_cpus, resources)]
+    out = subprocess.run([sys.executable, "-c", lift, *argv], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
+        raise LocalClusterError(f"`ray start --address` failed (exit {out.returncode}):\n{tail}")
+    state["nodes"] = state.get("nodes", 1) + 1
+    state.setdefault("node_manager_ports", []).append(ports["node_manager_port"])
+    state_file.write_text(json.dumps(state, indent=2))
+    return state
+
+
+def _wait_for_dashboard(state: dict, timeout: float) -> None:
+    import urllib.request
+
+    url = f"http://127.0.0.1:{state['dashboard_port']}/api/version"
+    token = token_path().read_text().strip() if token_path().exists() else ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise LocalClusterError(f"the Ray dashboard did not answer on {url} within {timeout:.0f} s")
+
+
+def enable_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process, also when Ray is already imported (it caches its config)."""
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()  # sets the variable and re-reads Ray's config (Ray 2.60, pinned)
+
+
+def connect(state_file: Path | None = None, **start_kwargs) -> dict:
+    """Start a private cluster (stopped when this process exits) and connect this driver to it."""
+    import atexit
+
+    import ray
+
+    if state_file is None:
+        fd, name = tempfile.mkstemp(prefix="resnet-ray-", suffix=".json")
+        os.close(fd)
+        state_file = Path(name)
+    state = start(state_file, **start_kwargs)
+    atexit.register(stop, state_file)
+    enable_token_auth()
+    ray.init(address=state["gcs_address"], log_to_driver=True)
+    return state
+
+
+def cluster_processes(state: dict) -> list:
+    """Every process of this cluster: those whose command line names its temp dir, and their children."""
+    import psutil
+
+    marker = state["temp_dir"]
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])):
+                found[p.pid] = p
+                for c in p.children(recursive=True):
+                    found[c.pid] = c
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list(found.values())
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stop(state_file: Path, grace: float = 10.0) -> int:
+    """End this cluster's processes only (SIGTERM, then SIGKILL after `grace` seconds)."""
+    import psutil
+
+    if not state_file.exists():
+        return 0
+    state = json.loads(state_file.read_text())
+    procs = [p for p in cluster_processes(state) if _running(p)]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    state_file.unlink(missing_ok=True)
+    return len(procs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.local_cluster", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_text in (("start", "start a head node"), ("add-node", "add a node"), ("stop", "stop this cluster")):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("--state", required=True, type=Path, help="JSON file with the cluster's ports and temp dir")
+        if name != "stop":
+            s.add_argument("--num-cpus", type=float, default=None, help="CPUs this node offers (default: all)")
+        if name == "start":
+            s.add_argument("--temp-dir", default=None, help="Ray's temp dir (default: a new /tmp/ray-XXXX)")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "start":
+            state = start(args.state, num_cpus=args.num_cpus, temp_dir=args.temp_dir)
+            print(f"local Ray cluster: dashboard http://127.0.0.1:{state['dashboard_port']}, "
+                  f"GCS {state['gcs_address']}, logs {state['temp_dir']}/session_latest/logs")
+        elif args.cmd == "add-node":
+            add_node(args.state, num_cpus=args.num_cpus)
+        else:
+            stop(args.state)
+    except LocalClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

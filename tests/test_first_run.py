@@ -1,0 +1,190 @@
+"""A user's first run: the README's main command from a clean home, what it leaves behind, and what
+the MLflow UI then shows. One run of `scripts/run.sh` (two members, one epoch) serves every test here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+MEMBERS = [{"label": "resnet8", "model": "resnet8"}, {"label": "resnet14", "model": "resnet14"}]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """`bash scripts/run.sh` as a new user runs it: an empty HOME (no ~/.ray, no token), free ports
+    chosen by the script, pip's cache kept usable. Outputs go to a temporary folder."""
+    base = tmp_path_factory.mktemp("first-run")
+    home = base / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
+    env.update({
+        "HOME": str(home),
+        "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR") or str(Path.home() / ".cache" / "pip"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db",
+        "STORAGE": str(base / "runs"),
+        "DATA": str(base / "data" / "digits"),
+    })
+    started = time.monotonic()
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "run.sh"), "train.schedule.epochs=1", f"members={json.dumps(MEMBERS)}"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=str(base),
+    )
+    log = out.stdout + out.stderr
+    (base / "run.log").write_text(log)
+    return {"rc": out.returncode, "log": log, "base": base, "home": home, "env": env,
+            "seconds": time.monotonic() - started, "uri": env["MLFLOW_TRACKING_URI"]}
+
+
+def test_exits_0_from_a_clean_home_with_a_private_token(first_run):
+    assert first_run["rc"] == 0, first_run["log"][-3000:]
+    token = first_run["home"] / ".ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+
+
+def test_each_epoch_line_once_with_its_member_label_and_an_eta(first_run):
+    log = first_run["log"]
+    for m in MEMBERS:
+        lines = [line for line in log.splitlines() if f"[{m['label']}] epoch 1/1" in line]
+        assert len(lines) == 1, (m["label"], lines)
+        assert "ETA" in lines[0]
+    for noise in ("State API may be temporarily unavailable", "PYTHON worker processes have been started",
+                  "Add type hints to the `predict` method", "Downloading artifacts"):
+        assert noise not in log, noise
+
+
+def test_the_champion_loads_in_a_fresh_process_after_ray_s_session_folder_is_gone(first_run):
+    assert first_run["rc"] == 0
+    # The job ran inside Ray's package cache, under the cluster's temp dir: remove all of it.
+    temp_dirs = set(re.findall(r"logs (/tmp/ray-[A-Za-z0-9_]+)/session_latest/logs", first_run["log"]))
+    assert temp_dirs, "run.sh names its cluster's log folder"
+    for d in temp_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    code = (
+        "import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/resnet-ensemble@champion'); "
+        "p = m.predict(np.zeros((2, 3, 32, 32), dtype=np.float32)); "
+        "print(np.asarray(p['probabilities']).shape)"
+    )
+    env = {**first_run["env"], "HOME": str(first_run["home"])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(2, 10)" in out.stdout
+
+    # Every artifact of every run is listed, and lives beside mlflow.db, not in a temporary folder.
+    client = MlflowClient(first_run["uri"])
+    exps = client.search_experiments()
+    for exp in exps:
+        if exp.name == "Default":
+            continue
+        assert exp.artifact_location.startswith((first_run["base"] / "mlartifacts").as_uri()), exp.artifact_location
+        assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    runs = client.search_runs([e.experiment_id for e in exps])
+    assert runs
+    for run in runs:
+        assert "/tmp/ray-" not in run.info.artifact_uri
+        files = _all_artifacts(client, run.info.run_id)
+        for path in files:
+            local = Path(run.info.artifact_uri.removeprefix("file://")) / path
+            assert local.exists(), local
+
+
+def _all_artifacts(client, run_id, path=None):
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += _all_artifacts(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+
+def test_predictions_have_one_row_per_test_sample(first_run):
+    assert first_run["rc"] == 0
+    manifest = json.loads((first_run["base"] / "data" / "digits" / "manifest.json").read_text())
+    files = list((first_run["base"] / "runs" / "predictions").glob("*.parquet"))
+    assert len(files) == 1, files
+    table = pq.read_table(files[0])
+    assert table.num_rows == manifest["splits"]["test"]["num_samples"]
+    assert len(set(table.column("key").to_pylist())) == table.num_rows
+
+
+def test_mlflow_metadata_worth_browsing(first_run):
+    assert first_run["rc"] == 0
+    client = MlflowClient(first_run["uri"])
+    exp = client.get_experiment_by_name("ensemble-digits")
+    runs = client.search_runs([exp.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert {"resnet-ensemble", "resnet8", "resnet14"} <= set(by_name), sorted(by_name)
+    parent = by_name["resnet-ensemble"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    for r in runs:
+        assert r.info.status == "FINISHED", (r.info.run_name, r.info.status)
+        assert r.data.tags.get("mlflow.user") not in (None, "", "unknown")
+        assert r.data.tags.get("mlflow.source.name", "").startswith("python -m orchestrator.run")
+        if commit:
+            assert r.data.tags["git_commit"] == commit, "the submitting side passes the commit in"
+    for label in ("resnet8", "resnet14"):
+        assert by_name[label].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert by_name[label].inputs.dataset_inputs, "the data each run reads is an MLflow dataset input"
+    note = parent.data.tags.get("mlflow.note.content", "")
+    assert "resnet8" in note and "val top-1 error" in note and "test top-1 error" in note, note
+    version = client.get_model_version_by_alias("resnet-ensemble", "champion")
+    assert version.description == note
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (scripts/test.sh installs it)")
+def test_the_mlflow_ui_opens_on_the_training_runs_with_members_nested(first_run, tmp_path):
+    """What a user sees: `mlflow ui` on the store, the experiment opened in headless Chromium."""
+    assert first_run["rc"] == 0
+    client = MlflowClient(first_run["uri"])
+    exp = client.get_experiment_by_name("ensemble-digits")
+    port = _free_port()
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    server = subprocess.Popen(
+        [mlflow_bin, "ui", "--backend-store-uri", first_run["uri"], "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        import urllib.request
+
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,900", "--virtual-time-budget=20000"]
+        dom = subprocess.run(["chromium", *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        shot = tmp_path / "experiment.png"
+        subprocess.run(["chromium", *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        shutil.copy(shot, first_run["base"] / "experiment.png") if shot.exists() else None
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    # The runs table, not the GenAI overview: the parent run is listed, with its members nested (an
+    # expander on the parent row), and the Source column is filled.
+    assert "resnet-ensemble" in dom, dom[-2000:]
+    assert "Overview" not in re.sub(r"<script.*?</script>", "", dom, flags=re.S) or "resnet-ensemble" in dom
