@@ -4,9 +4,13 @@
     loader = make_loader("data/digits", "train", 128, rank=r, world_size=n,
                          transform=make_transform("cifar", True, mean=m["mean"], std=m["std"]))
 
+    python -m pipelines.shards index --split train='s3://b/in/train-{000000..001281}.tar' \
+        --split val='s3://b/in/val-{000000..000049}.tar' --out s3://b/in-index   # WebDataset made elsewhere
+
 Modules: ``sources`` (digits, CIFAR, image folders, synthetic), ``format`` (tar + manifest), ``writer``
-(``write_shards``), ``shards`` (the CLI), ``storage`` (local + S3 byte I/O), ``loader`` (``make_loader``),
-``transforms`` (per image, and ``make_batch_transform`` for decoding on the GPU).
+(``write_shards``, ``index_shards``), ``shards`` (the CLI), ``storage`` (local + S3 byte I/O, retries,
+``s3_compat_env``), ``loader`` (``make_loader``), ``transforms`` (per image, and
+``make_batch_transform`` for decoding on the GPU).
 """
 
 from pipelines.format import read_manifest
@@ -22,12 +26,13 @@ from pipelines.loader import (
 from pipelines.sources import parse_source
 from pipelines.storage import StorageError, make_s3_client, s3_compat_env
 from pipelines.transforms import make_batch_transform, make_transform
-from pipelines.writer import write_shards
+from pipelines.writer import index_shards, write_shards
 
 __all__ = [
     "DataError",
     "Encoded",
     "ErrorReport",
+    "index_shards",
     "ManifestMismatchError",
     "ShardLoader",
     "StorageError",

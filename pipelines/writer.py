@@ -130,6 +130,9 @@ def write_shards(
                                 warnings.warn(f"{source.name}: {key}: undecodable image ({err})", RuntimeWarning, stacklevel=2)
                                 continue
                         stats.add(pixels)
+                # one webdataset TarWriter per shard (format.write_tar) rather than its ShardWriter:
+                # ShardWriter opens its output itself, while a shard here goes to a temp file first, is
+                # hashed, then published atomically (os.replace or one S3 upload), skipped if unchanged
                 name = f"{split}-{index:06d}.tar"
                 url = storage.join(out, name)
                 tmp = storage.local_temp_path(url)
