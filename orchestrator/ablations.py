@@ -529,7 +529,8 @@ def render_markdown(study: Study, rows: list[ReportRow], *, figure: str = "") ->
     lines = [f"# Ablation study `{study.name}` ({study.scale} scale): {study.title}", ""]
     if study.stands_in:
         lines += [
-            "> **DEMO, NOT COMPARABLE WITH THE PAPER.** Reduced depth, width and epochs on the bundled digits data; "
+            "> **DEMO, NOT COMPARABLE WITH THE PAPER.** Narrower (in some studies shallower) nets trained for a few "
+            "epochs on the bundled digits data; "
             "each row stands in for a configuration of the paper on another data set, so the paper column shows "
             "that configuration's published number and no difference is computed.",
             "",
