@@ -193,8 +193,11 @@ def read_manifest(url: str, client: Any | None = None) -> dict:
         raise storage.StorageError(f"{murl}: not a {FORMAT} manifest")
     manifest.setdefault("label_key", "cls")
     base = murl.rsplit("/", 1)[0] if storage.is_s3(murl) else os.path.dirname(murl)
+    prefix = base.rstrip("/") + "/" if base else ""
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            shard["name"] = shard["url"]
-            shard["url"] = storage.join(base, shard["url"])
+            name = shard["name"] = shard["url"]
+            # relative names (the common case) by concatenation: join() per shard costs 3 us x 30,000
+            absolute = name.startswith(("s3://", "/"))
+            shard["url"] = storage.join(base, name) if absolute else prefix + name
     return manifest

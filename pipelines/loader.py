@@ -187,6 +187,15 @@ def _quotas(available: list[int], total: int) -> list[int]:
     return quotas
 
 
+def _with_offsets(shards: list[dict]) -> list[dict]:
+    """The shards with ``offset`` (index of their first sample in the split): as given when they have
+    it (``make_loader`` sets it once), else copies; no per-epoch copy of a 30,000-shard list."""
+    if all("offset" in s for s in shards):
+        return shards
+    offsets = np.cumsum([0] + [s["num_samples"] for s in shards])
+    return [dict(s, offset=int(o)) for s, o in zip(shards, offsets[:-1].tolist(), strict=True)]
+
+
 def plan_epoch(
     shards: list[dict],
     *,
@@ -203,7 +212,7 @@ def plan_epoch(
     workers = max(num_workers, 1)
     slots = world_size * workers
     total = sum(s["num_samples"] for s in shards)
-    offsets = np.cumsum([0] + [s["num_samples"] for s in shards])
+    shards = _with_offsets(shards)
     mode = _choose_mode(split_by, len(shards), slots)
     rng = np.random.default_rng([seed, epoch])
     order = [int(i) for i in rng.permutation(len(shards))] if train else list(range(len(shards)))
@@ -211,11 +220,11 @@ def plan_epoch(
     plans: list[SlotPlan] = []
     if mode == "shard":
         for slot in my_slots:
-            mine = [dict(shards[i], offset=int(offsets[i])) for i in order[slot::slots]]
+            mine = [shards[i] for i in order[slot::slots]]
             plans.append(SlotPlan(mine, None, sum(s["num_samples"] for s in mine), None))
     else:
         keys = tuple(int(k) for k in rng.integers(0, 2**63, size=4)) if train else None
-        ordered = [dict(shards[i], offset=int(offsets[i])) for i in order]
+        ordered = [shards[i] for i in order]
         for slot in my_slots:
             keep = Selection(total, slots, slot, keys)
             plans.append(SlotPlan(ordered, keep, keep.owned(), None))
@@ -298,7 +307,8 @@ class ShardStream(IterableDataset):
         decode: bool = True,
     ):
         self.split = split
-        self.shards = manifest["splits"][split]["shards"]
+        self.shards = _with_offsets(manifest["splits"][split]["shards"])
+        self._plans: tuple[int, list[SlotPlan]] | None = None
         self.num_classes = manifest["num_classes"]
         self.label_key = manifest.get("label_key", "cls")
         self.batch_size = batch_size
@@ -319,7 +329,10 @@ class ShardStream(IterableDataset):
         return state
 
     def plans(self) -> list[SlotPlan]:
-        return plan_epoch(
+        """This rank's plans for the current epoch, computed once (forked workers inherit them)."""
+        if self._plans is not None and self._plans[0] == self.epoch:
+            return self._plans[1]
+        plans = plan_epoch(
             self.shards,
             rank=self.rank,
             world_size=self.world_size,
@@ -330,6 +343,8 @@ class ShardStream(IterableDataset):
             batch_size=self.batch_size,
             split_by=self.split_by,
         )
+        self._plans = (self.epoch, plans)
+        return plans
 
     # -- reading -----------------------------------------------------------------------------------
 
