@@ -438,11 +438,11 @@ class FitResult:
     config: TrainConfig
 
 
-def ensure_data(cfg: TrainConfig, source: str | None) -> None:
-    """Write the demo shards when the config names a source and its local folder is missing or empty.
-
-    Never to an S3 URL and never into a folder that holds something else: a mistyped URL is an error
-    (the preflight's), not a place to write the demo data."""
+def ensure_data(cfg: TrainConfig, source: str | None, *, asked: bool = False) -> None:
+    """Write the demo shards when a config names a source and its folder has none yet: only into the
+    default demo folder (`data/<source>` where the user runs the command), or wherever the user asked
+    with `train --source` (`asked`). Never to an S3 URL and never into a folder that holds something
+    else: a mistyped path is an error (the preflight's), not a place to write the demo data."""
     from pipelines.storage import is_s3
 
     from .cluster import user_path
@@ -451,7 +451,8 @@ def ensure_data(cfg: TrainConfig, source: str | None) -> None:
         return
     cfg.data.url = user_path(cfg.data.url, "data.url")
     folder = Path(cfg.data.url)
-    if folder.is_dir() and any(folder.iterdir()):
+    default = Path(user_path(f"data/{source.split(':')[0]}", "data.url"))
+    if (folder.is_dir() and any(folder.iterdir())) or not (asked or folder == default):
         return
     print(f"[data] writing {source} shards to {cfg.data.url}", flush=True)
     from pipelines.shards import main as shards_main
@@ -533,7 +534,9 @@ def root_cause(err: BaseException) -> str:
     inner = next(iter(failures.values()), None) if failures else None
     for e in (inner, getattr(inner, "cause", None), getattr(err, "controller_failure", None)):
         if e is not None and not isinstance(e, ray.exceptions.RayError):
-            text = str(e).strip().splitlines()
+            text = [line for line in str(e).strip().splitlines() if line.strip()]
+            if "Original Traceback" in str(e):  # torch's DataLoader re-raises a worker's error with its traceback
+                return text[-1].strip()
             return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
     text = [line for line in str(inner or err).strip().splitlines() if line.strip()]
     return text[-1] if text else type(err).__name__

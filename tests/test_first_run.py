@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
+SENTINEL = "sentinel-first-run-" + os.urandom(8).hex()
 MEMBERS = [{"label": "resnet8", "model": "resnet8"}, {"label": "resnet14", "model": "resnet14"}]
 
 
@@ -39,6 +40,8 @@ def first_run(tmp_path_factory):
         "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db",
         "STORAGE": str(base / "runs"),
         "DATA": str(base / "data" / "digits"),
+        # A user's credentials in their shell: they must not travel with the job (issue 13).
+        "AWS_ACCESS_KEY_ID": "first-run", "AWS_SECRET_ACCESS_KEY": SENTINEL,
     })
     started = time.monotonic()
     out = subprocess.run(
@@ -69,10 +72,23 @@ def test_each_epoch_line_once_with_its_member_label_and_an_eta(first_run):
         assert noise not in log, noise
 
 
+def _temp_dirs(first_run) -> set[str]:
+    return set(re.findall(r"logs (/tmp/ray-[A-Za-z0-9_]+)/session_latest/logs", first_run["log"]))
+
+
+def test_the_user_s_secret_is_nowhere_in_ray_s_session_mlflow_or_the_outputs(first_run):
+    assert first_run["rc"] == 0
+    needle = SENTINEL.encode()
+    places = [Path(d) for d in _temp_dirs(first_run)] + [first_run["base"]]
+    found = [str(p) for root in places for p in root.rglob("*")
+             if p.is_file() and not p.is_symlink() and p.name != "run.log" and needle in p.read_bytes()]
+    assert found == [], found
+
+
 def test_the_champion_loads_in_a_fresh_process_after_ray_s_session_folder_is_gone(first_run):
     assert first_run["rc"] == 0
     # The job ran inside Ray's package cache, under the cluster's temp dir: remove all of it.
-    temp_dirs = set(re.findall(r"logs (/tmp/ray-[A-Za-z0-9_]+)/session_latest/logs", first_run["log"]))
+    temp_dirs = _temp_dirs(first_run)
     assert temp_dirs, "run.sh names its cluster's log folder"
     for d in temp_dirs:
         shutil.rmtree(d, ignore_errors=True)
@@ -173,7 +189,9 @@ def test_the_mlflow_ui_opens_on_the_training_runs_with_members_nested(first_run,
                 break
             except OSError:
                 time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
+        printed = re.search(r"then open http://127\.0\.0\.1:5000/(#/experiments/\d+\S*)\)", first_run["log"])
+        assert printed, "the job prints the page of its runs"
+        url = f"http://127.0.0.1:{port}/{printed.group(1)}"
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,900", "--virtual-time-budget=20000"]
@@ -184,7 +202,12 @@ def test_the_mlflow_ui_opens_on_the_training_runs_with_members_nested(first_run,
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    # The runs table, not the GenAI overview: the parent run is listed, with its members nested (an
-    # expander on the parent row), and the Source column is filled.
-    assert "resnet-ensemble" in dom, dom[-2000:]
-    assert "Overview" not in re.sub(r"<script.*?</script>", "", dom, flags=re.S) or "resnet-ensemble" in dom
+    # The runs table of model training, not the GenAI overview of traces: the parent run is a row, its
+    # members are nested under it (collapsed: not rows of their own), and the table counts them all.
+    text = re.sub(r"<[^>]+>", " ", re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S))
+    assert "resnet-ensemble" in text, text[-2000:]
+    assert "Model training" in text and "Traces" in text
+    assert "No data available for the selected time range" not in text, "the GenAI overview"
+    total = len(client.search_runs([exp.experiment_id]))
+    assert re.search(rf"\b{total} matching runs\b", text), (total, text[-1500:])
+    assert "resnet14" not in text, "members are nested under the ensemble's row, not listed beside it"

@@ -29,6 +29,6 @@ def main(args) -> int:
     from ..train import ensure_data, fit
 
     cfg = load_train_config(args.config, args.overrides)
-    ensure_data(cfg, args.source)
+    ensure_data(cfg, args.source, asked=True)
     fit(cfg, args.storage)
     return 0

@@ -1,0 +1,384 @@
+"""The production topology on one box, and the faults it must survive.
+
+One fixture for the whole module: two Ray nodes on loopback (1 CPU each, started as
+`scripts/run.sh` starts one), an S3 server (moto's, over HTTP) holding the shards, the checkpoints
+and MLflow's artifacts, and an MLflow tracking server with S3 artifacts. Jobs go through
+`python -m orchestrator.submit`, i.e. `ray job submit --working-dir`. The nodes' environment holds
+the S3 credentials, with a sentinel secret that must never leave it (issue 13).
+
+Each drill asserts what a user would check: the run FINISHED (or failed with a one-line error), each
+epoch is in MLflow exactly once, no run is left RUNNING, the checkpoint loads. Wall times and
+restarts spent are printed (pytest -s) for the record.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator.local_cluster import add_node, cluster_processes, free_ports, start, stop
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+BUCKET = "topology"
+SENTINEL = f"sentinel-{uuid.uuid4().hex}"
+
+
+class S3Server:
+    """moto's S3 over HTTP on a fixed loopback port; stop() and start() keep its objects (in-process state)."""
+
+    def __init__(self, port: int):
+        from moto.server import ThreadedMotoServer
+
+        self.port, self._cls, self.server = port, ThreadedMotoServer, None
+
+    def start(self) -> None:
+        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class MlflowServer:
+    def __init__(self, port: int, base: Path, env: dict):
+        self.port, self.base, self.env, self.proc = port, base, env, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+        self.proc = subprocess.Popen(
+            [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{self.base}/mlflow.db",
+             "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            env=self.env, stdout=open(self.base / "mlflow.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_for(lambda: _http_ok(f"{self.uri}/health"), 300, "the MLflow server to answer")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=2).read()
+        return True
+    except OSError:
+        return False
+
+
+def wait_for(check, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory):
+    base = tmp_path_factory.mktemp("topology")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    s3_port, mlflow_port = free_ports(2)
+    s3 = S3Server(s3_port)
+    s3.start()
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    secret_env = {"AWS_ACCESS_KEY_ID": "topology", "AWS_SECRET_ACCESS_KEY": SENTINEL, "AWS_SESSION_TOKEN": SENTINEL + "-t"}
+    # What a node has: its own credentials and settings (never sent with a job).
+    node_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    node_env.update(secret_env)
+    node_env["PATH"] = f"{Path(sys.executable).parent}:{node_env.get('PATH', '')}"  # the nodes' python has the project
+    node_env.update({"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint,
+                     "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+                     # Short enough for the lost-node drill; the default is 60 s a try.
+                     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"})
+    s3c = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="topology", aws_secret_access_key=SENTINEL,
+                       region_name="us-east-1")
+    s3c.create_bucket(Bucket=BUCKET)
+    mlflow_server = MlflowServer(mlflow_port, base, node_env)
+    mlflow_server.start()
+
+    from pipelines.shards import main as shards_cli
+
+    saved = dict(os.environ)
+    os.environ.update({k: node_env[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", *secret_env)})
+    try:
+        assert shards_cli(["write", "--source", "digits", "--out", f"s3://{BUCKET}/digits", "--quiet"]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+    state_file = base / "cluster.json"
+    state = start(state_file, num_cpus=1, resources={"node_a": 1}, env=node_env)
+    state = add_node(state_file, num_cpus=1, resources={"node_b": 1}, env=node_env)
+    # The driver's side: the user's shell with the same credentials, the cluster's dashboard address.
+    driver_env = {**node_env, "RAY_ADDRESS": f"http://127.0.0.1:{state['dashboard_port']}", "RAY_AUTH_MODE": "token"}
+    topo = {"base": base, "s3": s3, "s3c": s3c, "mlflow": mlflow_server, "state": state, "state_file": state_file,
+            "driver_env": driver_env, "endpoint": endpoint, "times": {}}
+    yield topo
+    stop(state_file)
+    mlflow_server.stop()
+    s3.stop()
+    for name, seconds in topo["times"].items():
+        print(f"[topology] {name}: {seconds}")
+
+
+class Job:
+    """One `python -m orchestrator.submit -- COMMAND` (ray job submit --working-dir), output captured."""
+
+    def __init__(self, topo, args: list[str]):
+        self.log = topo["base"] / f"job-{uuid.uuid4().hex[:8]}.log"
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.submit", "--", *args], cwd=str(topo["base"]), env=topo["driver_env"],
+            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+        )
+
+    def wait(self, timeout: float = 600) -> tuple[int, str]:
+        rc = self.proc.wait(timeout=timeout)
+        self.seconds = time.monotonic() - self.t0
+        return rc, self.log.read_text(errors="replace")
+
+
+def train_args(name: str, epochs: int = 4, *extra: str) -> list[str]:
+    return ["train", "--config", "digits_resnet20.yaml", f"data.url=s3://{BUCKET}/digits", "model.name=resnet8",
+            f"schedule.epochs={epochs}", f"schedule.milestones=[{epochs - 1}]", "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1", "optim.batch_size=64", "checkpoint.keep_best=1",
+            f"tracking.run_name={name}", "tracking.experiment=topology", *extra, "--storage", f"s3://{BUCKET}/runs"]
+
+
+def the_run(topo, name: str):
+    client = MlflowClient(topo["mlflow"].uri)
+    exp = client.get_experiment_by_name("topology")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("orchestrator.run_name") == name] if exp else []
+    return client, (runs[0] if runs else None)
+
+
+def epochs_logged(topo, name: str) -> list[float]:
+    try:
+        client, run = the_run(topo, name)
+        return sorted(m.value for m in client.get_metric_history(run.info.run_id, "epoch")) if run else []
+    except Exception:  # noqa: BLE001 - the server may be the thing that is down
+        return []
+
+
+def check_finished(topo, name: str, epochs: int):
+    client, run = the_run(topo, name)
+    assert run.info.status == "FINISHED", run.info.status
+    assert epochs_logged(topo, name) == [float(e) for e in range(epochs)], "each epoch exactly once"
+    local = client.download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt", str(topo["base"] / uuid.uuid4().hex))
+    state = torch.load(local, weights_only=True, map_location="cpu")
+    assert state["epoch"] == epochs - 1
+
+
+def no_run_left_running(topo):
+    client = MlflowClient(topo["mlflow"].uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    running = [r.info.run_name for r in client.search_runs(exps) if r.info.status == "RUNNING"]
+    assert running == [], running
+
+
+def restarts(log: str) -> int:
+    return log.count("] resume from epoch")
+
+
+def workers(topo) -> list:
+    return [p for p in cluster_processes(topo["state"]) if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_training_across_both_nodes_survives_a_killed_worker(topology):
+    job = Job(topology, train_args("across-nodes"))
+    wait_for(lambda: len(workers(topology)) == 2, 180, "two training workers")
+    raylets = {p.ppid() for p in workers(topology)}
+    assert len(raylets) == 2, "one worker on each node"
+    wait_for(lambda: len(epochs_logged(topology, "across-nodes")) >= 1, 300, "the first epoch")
+    time.sleep(2)  # mid-epoch
+    victim = workers(topology)[-1]
+    victim.send_signal(signal.SIGKILL)
+    rc, log = job.wait()
+    assert rc == 0, log[-3000:]
+    assert restarts(log) == 1, "resumed once from the last checkpoint"
+    check_finished(topology, "across-nodes", 4)
+    topology["times"]["worker SIGKILL mid-epoch"] = f"finished, 1 restart, {job.seconds:.0f} s"
+
+
+def test_an_s3_outage_of_30_s_costs_no_restart(topology):
+    job = Job(topology, train_args("s3-outage"))
+    wait_for(lambda: len(epochs_logged(topology, "s3-outage")) >= 1, 300, "the first epoch")
+    topology["s3"].stop()
+    time.sleep(30)
+    topology["s3"].start()
+    rc, log = job.wait()
+    assert rc == 0, log[-3000:]
+    check_finished(topology, "s3-outage", 4)
+    topology["times"]["S3 stopped 30 s"] = f"finished, {restarts(log)} restarts, {job.seconds:.0f} s"
+    assert restarts(log) == 0, "botocore/pyarrow retries ride it out: no worker-group restart spent"
+
+
+def test_an_mlflow_outage_of_30_s_loses_and_duplicates_no_epoch(topology):
+    job = Job(topology, train_args("mlflow-outage"))
+    wait_for(lambda: len(epochs_logged(topology, "mlflow-outage")) >= 1, 300, "the first epoch")
+    topology["mlflow"].stop()
+    time.sleep(30)
+    topology["mlflow"].start()
+    rc, log = job.wait()
+    assert rc == 0, log[-3000:]
+    check_finished(topology, "mlflow-outage", 4)
+    topology["times"]["MLflow stopped 30 s"] = f"finished, {restarts(log)} restarts, {job.seconds:.0f} s"
+
+
+def _kill_driver(topo, name: str) -> None:
+    drivers = [p for p in cluster_processes(topo["state"]) if "orchestrator.run" in " ".join(p.cmdline())
+               and f"tracking.run_name={name}" in " ".join(p.cmdline())]
+    assert drivers, "the job's driver process"
+    for p in drivers:
+        p.send_signal(signal.SIGKILL)
+
+
+def _checkpoint_keys(topo, name: str) -> list[str]:
+    got = topo["s3c"].list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{name}/").get("Contents", [])
+    return sorted(o["Key"] for o in got if o["Key"].endswith("/checkpoint.pt"))
+
+
+def test_a_killed_driver_then_a_rerun_resumes(topology):
+    t0 = time.monotonic()
+    job = Job(topology, train_args("driver-kill"))
+    wait_for(lambda: _checkpoint_keys(topology, "driver-kill"), 300, "a checkpoint in S3")
+    _kill_driver(topology, "driver-kill")
+    rc, _ = job.wait()
+    assert rc != 0
+    again = Job(topology, train_args("driver-kill"))
+    rc, log = again.wait()
+    assert rc == 0, log[-3000:]
+    assert restarts(log) == 1, "the rerun resumed from the checkpoint"
+    check_finished(topology, "driver-kill", 4)
+    topology["times"]["driver SIGKILL + rerun"] = f"finished, {time.monotonic() - t0:.0f} s in all"
+
+
+def test_an_overwritten_checkpoint_is_a_clear_error_on_resume(topology):
+    job = Job(topology, train_args("overwritten"))
+    wait_for(lambda: _checkpoint_keys(topology, "overwritten"), 300, "a checkpoint in S3")
+    _kill_driver(topology, "overwritten")
+    job.wait()
+    key = _checkpoint_keys(topology, "overwritten")[-1]
+    body = topology["s3c"].get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    topology["s3c"].put_object(Bucket=BUCKET, Key=key, Body=b"7\r\n" + body[:-20] + b"\r\n0\r\nx-amz-checksum:x")
+    again = Job(topology, train_args("overwritten"))
+    rc, log = again.wait()
+    assert rc != 0
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "is corrupt" in errors[0] and key in errors[0], errors or log[-3000:]
+    assert restarts(log) == 0 or "resume" not in errors[0]
+    client, run = the_run(topology, "overwritten")
+    assert run.info.status == "FAILED" and "corrupt" in run.data.tags["error"]
+    topology["times"]["checkpoint overwritten in S3"] = f"one-line error in {again.seconds:.0f} s: {errors[0][:140]}"
+
+
+def test_the_ensemble_and_evaluate_end_to_end_with_artifacts_in_s3(topology):
+    members = [{"label": "r8", "model": "resnet8"}, {"label": "r14", "model": "resnet14"}]
+    job = Job(topology, ["ensemble", f"train.data.url=s3://{BUCKET}/digits", f"members={json.dumps(members)}",
+                         "train.schedule.epochs=1", "train.scaling.cpus_per_worker=1", "experiment=topology-ensemble",
+                         "--storage", f"s3://{BUCKET}/runs"])
+    rc, log = job.wait()
+    assert rc == 0, log[-3000:]
+    ev = Job(topology, ["evaluate", "--model-uri", "models:/resnet-ensemble@champion", "--data", f"s3://{BUCKET}/digits",
+                        "--split", "test", "--storage", f"s3://{BUCKET}/runs"])
+    rc, elog = ev.wait()
+    assert rc == 0, elog[-3000:]
+    s3c = topology["s3c"]
+    keys = [o["Key"] for o in s3c.list_objects_v2(Bucket=BUCKET, Prefix="runs/predictions/").get("Contents", [])]
+    assert keys, "predictions in S3"
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(s3c.get_object(Bucket=BUCKET, Key=keys[0])["Body"].read()))
+    manifest = json.loads(s3c.get_object(Bucket=BUCKET, Key="digits/manifest.json")["Body"].read())
+    assert table.num_rows == manifest["splits"]["test"]["num_samples"]
+    artifacts = [o["Key"] for o in s3c.list_objects_v2(Bucket=BUCKET, Prefix="mlartifacts/").get("Contents", [])]
+    assert any("member_0.pt" in k for k in artifacts), "the registered ensemble's files are in S3"
+    no_run_left_running(topology)
+    topology["times"]["ensemble + evaluate"] = f"finished, {job.seconds:.0f} s + {ev.seconds:.0f} s"
+
+
+def test_no_secret_leaves_the_nodes(topology):
+    """The sentinel secret is in the nodes' and the driver's environment only: not in Ray's session
+    folder, its state API, the jobs' runtime env, MLflow's params, tags and text artifacts, or the outputs."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    needle = SENTINEL.encode()
+    found = []
+    for path in Path(topology["state"]["temp_dir"]).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(str(path))
+        except OSError:
+            continue
+    address = topology["driver_env"]["RAY_ADDRESS"]
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    state = json.dumps([
+        [a for a in list_actors(address=address, detail=True, limit=10000)],
+        [j for j in list_jobs(address=address, detail=True)],
+        [t for t in list_tasks(address=address, detail=True, limit=10000)],
+    ], default=str)
+    if SENTINEL in state:
+        found.append("state API")
+    jobs = JobSubmissionClient(address).list_jobs()
+    if SENTINEL in json.dumps([j.runtime_env for j in jobs], default=str):
+        found.append("a job's runtime env")
+    assert jobs, "the drills ran jobs"
+    client = MlflowClient(topology["mlflow"].uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs
+    for run in runs:
+        if SENTINEL in json.dumps([run.data.params, run.data.tags]):
+            found.append(f"MLflow run {run.info.run_name} params/tags")
+    s3c = topology["s3c"]
+    for obj in s3c.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+        if obj["Size"] < 5_000_000 and needle in s3c.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read():
+            found.append(f"s3://{BUCKET}/{obj['Key']}")  # run outputs, checkpoints and MLflow's text artifacts
+    assert found == [], found
+
+
+def test_a_lost_node_fails_after_a_bounded_wait(topology):
+    """Node B's raylet dies mid-run: Ray Train cannot place two workers again; the run fails after
+    checkpoint.node_wait_s with a one-line error instead of retrying every minute forever."""
+    job = Job(topology, train_args("lost-node", 6, "checkpoint.node_wait_s=30"))
+    wait_for(lambda: len(epochs_logged(topology, "lost-node")) >= 1, 300, "the first epoch")
+    head_raylets = {p.ppid() for p in workers(topology)}
+    port_b = str(topology["state"]["node_manager_ports"][1])
+    node_b = [p for p in cluster_processes(topology["state"]) if p.name() == "raylet"
+              and any(port_b in part for part in p.cmdline())]
+    assert node_b and head_raylets
+    for p in node_b:
+        for child in p.children(recursive=True):
+            child.send_signal(signal.SIGKILL)
+        p.send_signal(signal.SIGKILL)
+    lost = time.monotonic()
+    rc, log = job.wait(timeout=600)
+    assert rc != 0
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, log[-3000:]
+    waited = time.monotonic() - lost
+    assert waited < 240, waited
+    no_run_left_running(topology)
+    topology["times"]["node lost mid-run"] = f"failed after {waited:.0f} s: {errors[0][:160]}"
+    psutil.wait_procs(node_b, timeout=10)
