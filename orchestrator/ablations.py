@@ -674,34 +674,38 @@ def run_study(study: Study, overrides: list[str], storage: str, *, asha: bool | 
     parent_id, _ = tracking.find_or_create_run(client, experiment, name, params, {"orchestrator.kind": "ablation"})
     print(f"[ablate] study {study.name} ({study.scale}): {len(trials)} trials, parent MLflow run {parent_id} ({name})"
           f"{', ASHA early stopping' if use_asha else ''}", flush=True)
-    errors = run_trials(
-        [t.trial for t in trials], study=name, storage=storage, experiment=experiment, parent_run_id=parent_id,
-        scheduler=asha_scheduler(study, trials) if use_asha else None,
-    )
+    try:  # the parent run is never left RUNNING
+        errors = run_trials(
+            [t.trial for t in trials], study=name, storage=storage, experiment=experiment, parent_run_id=parent_id,
+            scheduler=asha_scheduler(study, trials) if use_asha else None,
+        )
 
-    exp_id = tracking.experiment_id(client, experiment)
-    outcomes = read_outcomes(client, exp_id, trials, errors)
-    for label, o in outcomes.items():  # ASHA stopped these: Tune will not resume them, so close their runs
-        if use_asha and o.status == "RUNNING" and label not in errors:
-            tracking.set_tags(client, o.run_id, {"orchestrator.stopped_by": "asha"})
-            client.set_terminated(o.run_id, "KILLED")
-            o.status = "KILLED"
-    score_outcomes(client, trials, outcomes)
-    rows = summarize(study, trials, outcomes)
-    figure = "error_curves.png"
-    markdown = render_markdown(study, rows, figure=figure)
-    png = error_curves_png(client, study, trials, outcomes)
-    client.log_text(parent_id, markdown, "report/report.md")
-    _log_bytes(client, parent_id, png, f"report/{figure}")
-    tracking.log_dict(client, parent_id, {t.trial.label: vars(outcomes[t.trial.label]) for t in trials},
-                      "report/outcomes.json")
-    for r in rows:
-        for protocol, sc in r.scores.items():
-            if sc["top1"][0] is not None:
-                client.log_metric(parent_id, f"{r.split}_{protocol}_top1_err/{_metric_key(r.label)}", sc["top1"][0])
-    for i, verdict in enumerate(verdicts(study, rows)):
-        client.set_tag(parent_id, f"verdict.{i}", verdict[:5000])
-    client.set_terminated(parent_id, "FAILED" if errors else "FINISHED")
+        exp_id = tracking.experiment_id(client, experiment)
+        outcomes = read_outcomes(client, exp_id, trials, errors)
+        for label, o in outcomes.items():  # ASHA stopped these: Tune will not resume them, so close their runs
+            if use_asha and o.status == "RUNNING" and label not in errors:
+                tracking.set_tags(client, o.run_id, {"orchestrator.stopped_by": "asha"})
+                client.set_terminated(o.run_id, "KILLED")
+                o.status = "KILLED"
+        score_outcomes(client, trials, outcomes)
+        rows = summarize(study, trials, outcomes)
+        figure = "error_curves.png"
+        markdown = render_markdown(study, rows, figure=figure)
+        png = error_curves_png(client, study, trials, outcomes)
+        client.log_text(parent_id, markdown, "report/report.md")
+        _log_bytes(client, parent_id, png, f"report/{figure}")
+        tracking.log_dict(client, parent_id, {t.trial.label: vars(outcomes[t.trial.label]) for t in trials},
+                          "report/outcomes.json")
+        for r in rows:
+            for protocol, sc in r.scores.items():
+                if sc["top1"][0] is not None:
+                    client.log_metric(parent_id, f"{r.split}_{protocol}_top1_err/{_metric_key(r.label)}", sc["top1"][0])
+        for i, verdict in enumerate(verdicts(study, rows)):
+            client.set_tag(parent_id, f"verdict.{i}", verdict[:5000])
+        client.set_terminated(parent_id, "FAILED" if errors else "FINISHED")
+    except BaseException as e:
+        tracking.mark_failed(client, parent_id, e)
+        raise
 
     report_dir = ""
     if urlparse(storage).scheme in ("", "file"):

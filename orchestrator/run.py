@@ -49,7 +49,10 @@ def _quiet_environment() -> None:
     deduplication folds lines that look alike across workers (it swallowed epoch lines), and no
     warning should reach a user that they cannot act on."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not os.environ.get("RAY_ADDRESS"):  # a private local cluster: on loopback only (see local_cluster.py)
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address or address.split("://")[-1].startswith(("127.0.0.1", "localhost")):
+        # A private local cluster, or one on this machine's loopback: its node address stays 127.0.0.1
+        # (see local_cluster.py); a driver that connects by GCS address needs the same setting.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per member download
     # MLflow's advice on type hints and input examples is for pyfunc authors; our signature is explicit.

@@ -184,3 +184,34 @@ def test_a_shard_that_disagrees_with_its_manifest_fails_at_once_and_the_run_is_f
     assert shard.name in runs[0].data.tags["error"]
     # Not retried: three restarts would each start a worker group again (15-30 s apiece here).
     assert seconds < 90, seconds
+
+
+@pytest.mark.slow
+def test_a_driver_with_credentials_the_nodes_lack_stops_before_any_work(store, s3_endpoint, make_bucket):
+    """Credentials never travel with a job: when the driver has some and the nodes have none, say how
+    to give them to the cluster, before any training starts."""
+    from orchestrator.local_cluster import start, stop
+    from pipelines.shards import main as shards_cli
+
+    bucket = make_bucket()
+    assert shards_cli(["write", "--source", "synthetic:classes=3,size=16,train=12,val=6,test=6",
+                       "--out", f"s3://{bucket}/tiny", "--quiet"]) == 0
+    bare = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    bare["AWS_ENDPOINT_URL"] = s3_endpoint  # a setting, not a secret: the nodes may know where S3 is
+    state_file = store / "cluster.json"
+    state = start(state_file, num_cpus=1, env=bare)
+    try:
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", "orchestrator.run", "train", "--config", "digits_resnet20.yaml",
+             f"data.url=s3://{bucket}/tiny", "scaling.num_workers=1", "--storage", str(store / "runs")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "RAY_ADDRESS": state["gcs_address"], "RAY_AUTH_MODE": "token",
+                 "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"},
+        )
+    finally:
+        stop(state_file)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert len(errors) == 1 and "have no AWS credentials" in errors[0] and "never sent with a job" in errors[0], errors
+    assert time.monotonic() - t0 < 120
