@@ -151,13 +151,18 @@ def add_node(state_file: Path, *, num_cpus: float | None = None, resources: dict
         "s.resolve_ip_for_localhost = lambda a: a; c.ENABLE_RAY_CLUSTER = True; "
         "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()"
     )
-    argv = ["start", f"--address={state['gcs_address']}", *_node_flags(ports, num_cpus, resources)]
+    # Its own temp dir, as another machine has its own disk: nodes sharing one would share Ray's package
+    # cache, and one node's garbage collection deleted the working directory another node's job ran in.
+    node_temp = tempfile.mkdtemp(prefix="ray-node-", dir="/tmp")
+    argv = ["start", f"--address={state['gcs_address']}", f"--temp-dir={node_temp}",
+            *_node_flags(ports, num_cpus, resources)]
     out = subprocess.run([sys.executable, "-c", lift, *argv], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
         raise LocalClusterError(f"`ray start --address` failed (exit {out.returncode}):\n{tail}")
     state["nodes"] = state.get("nodes", 1) + 1
     state.setdefault("node_manager_ports", []).append(ports["node_manager_port"])
+    state.setdefault("node_temp_dirs", []).append(node_temp)
     state_file.write_text(json.dumps(state, indent=2))
     return state
 
@@ -206,11 +211,11 @@ def cluster_processes(state: dict) -> list:
     """Every process of this cluster: those whose command line names its temp dir, and their children."""
     import psutil
 
-    marker = state["temp_dir"]
+    markers = [state["temp_dir"], *state.get("node_temp_dirs", [])]
     found = {}
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if any(marker in part for part in (p.info["cmdline"] or [])):
+            if any(m in part for part in (p.info["cmdline"] or []) for m in markers):
                 found[p.pid] = p
                 for c in p.children(recursive=True):
                     found[c.pid] = c

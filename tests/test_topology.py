@@ -326,7 +326,9 @@ def test_no_secret_leaves_the_nodes(topology):
 
     needle = SENTINEL.encode()
     found = []
-    for path in Path(topology["state"]["temp_dir"]).rglob("*"):
+    state_now = json.loads(topology["state_file"].read_text()) if topology["state_file"].exists() else topology["state"]
+    folders = [state_now["temp_dir"], *state_now.get("node_temp_dirs", [])]
+    for path in (p for f in folders for p in Path(f).rglob("*")):
         try:
             if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
                 found.append(str(path))
