@@ -647,7 +647,7 @@ def run_study(study: Study, overrides: list[str], storage: str, *, asha: bool | 
     import mlflow
 
     from . import preflight, tracking
-    from .cluster import storage_url, user_path
+    from .cluster import check_fits, ensure_ray, storage_url, user_path
     from .train import check_cluster, ensure_data
     from .tuning import run_trials
 
@@ -659,10 +659,15 @@ def run_study(study: Study, overrides: list[str], storage: str, *, asha: bool | 
         cfg0 = next(t.trial.config for t in trials if t.trial.config.data.url == url)
         ensure_data(cfg0, study.source)
         preflight.check_data(url, sorted({s for t in trials if t.trial.config.data.url == url
-                                          for s in (t.trial.config.data.train_split, t.trial.config.data.val_split)}))
+                                          for s in (t.trial.config.data.train_split, t.trial.config.data.val_split,
+                                                    t.evaluation.split)}))
     storage = storage_url(storage)
     preflight.check_storage(storage)
     preflight.check_tracking(tracking.tracking_uri())
+    ensure_ray()
+    for t in trials:  # the message names the trial that does not fit (raises cluster.ClusterTooSmall)
+        sc = t.trial.config.scaling
+        check_fits(sc.num_workers, sc.cpus_per_worker, sc.use_gpu, f"study {study.name}: trial {t.trial.label!r}")
     check_cluster([t.trial.config for t in trials], f"study {study.name}: a trial")
 
     use_asha = study.early_stopping["enabled"] if asha is None else asha

@@ -234,9 +234,10 @@ def test_a_tiny_depth_study_runs_nested_scores_reports_and_resumes(tmp_path, mon
 
 
 @pytest.mark.slow
-def test_a_study_the_cluster_cannot_hold_fails_fast(capsys, ray_local):
+def test_a_study_the_cluster_cannot_hold_fails_fast(capsys, ray_local, digits_url):
     t0 = time.perf_counter()
-    assert run.main(["ablate", "depth", "--scale", "paper", "--rows", "ResNet-18"]) == 2
+    # Data that exists (the preflight checks it first), on a cluster of 2 CPUs and no GPU.
+    assert run.main(["ablate", "depth", "--scale", "paper", "--rows", "ResNet-18", f"data.url={digits_url}"]) == 2
     err = capsys.readouterr().err
     assert "trial 'ResNet-18' needs 64 CPU, 8 GPU" in err and "scaling.num_workers" in err
     assert time.perf_counter() - t0 < 20
