@@ -50,6 +50,7 @@ and batching below are ours.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import tarfile
@@ -189,8 +190,8 @@ def _quotas(available: list[int], total: int) -> list[int]:
 
 def _with_offsets(shards: list[dict]) -> list[dict]:
     """The shards with ``offset`` (index of their first sample in the split): as given when they have
-    it (``make_loader`` sets it once), else copies; no per-epoch copy of a 30,000-shard list."""
-    if all("offset" in s for s in shards):
+    it (``make_loader`` sets it on every shard at once), else copies; no per-epoch copy of a 30,000-shard list."""
+    if not shards or ("offset" in shards[0] and "offset" in shards[-1]):
         return shards
     offsets = np.cumsum([0] + [s["num_samples"] for s in shards])
     return [dict(s, offset=int(o)) for s, o in zip(shards, offsets[:-1].tolist(), strict=True)]
@@ -211,8 +212,8 @@ def plan_epoch(
     """The plans of rank ``rank``'s workers for one epoch (pure function of the manifest + arguments)."""
     workers = max(num_workers, 1)
     slots = world_size * workers
-    total = sum(s["num_samples"] for s in shards)
     shards = _with_offsets(shards)
+    total = shards[-1]["offset"] + shards[-1]["num_samples"] if shards else 0
     mode = _choose_mode(split_by, len(shards), slots)
     rng = np.random.default_rng([seed, epoch])
     order = [int(i) for i in rng.permutation(len(shards))] if train else list(range(len(shards)))
@@ -624,7 +625,15 @@ class ShardLoader:
         self._yielded = 0
         parts: list[_Batch] = []
         pending = 0
-        for item in loader:
+        # The workers fork here. Frozen, the manifest's objects (30,000 shard entries) are never scanned
+        # by the workers' garbage collector, so their pages are not copied into each worker (gc.freeze's
+        # documented use); unfrozen again in this process right after.
+        gc.freeze()
+        try:
+            batches = iter(loader)
+        finally:
+            gc.unfreeze()
+        for item in batches:
             if isinstance(item, ErrorReport):
                 self.errors.append(item)
                 warnings.warn(f"skipped {item.samples} sample(s): {item}", RuntimeWarning, stacklevel=2)
@@ -718,6 +727,8 @@ def make_loader(
     if split not in manifest["splits"]:
         raise ValueError(f"{url}: no split {split!r}; valid: {list(manifest['splits'])}")
     shards = manifest["splits"][split]["shards"]
+    for shard, offset in zip(shards, np.cumsum([0] + [s["num_samples"] for s in shards])[:-1].tolist(), strict=True):
+        shard["offset"] = offset  # in place: the manifest was read for this loader
     if check_shards:
         _check_shards(shards, client)
     train = split == "train" if shuffle is None else shuffle
