@@ -127,8 +127,8 @@ SKIP_PARAMS = {
     "constant_scaling": {"shortcut_scale": 0.5, "residual_scale": 1.0},  # 0.5/0.5 is Table 1's 12.35 row
     "exclusive_gating": {"gate_bias": -6.0},
     "shortcut_only_gating": {"gate_bias": -6.0},
-    # The paper's 1x1-conv shortcut has no BN after the conv (v2 does not say; we choose none, as Fig. 2(e)
-    # draws a bare conv); shortcut_bn=True adds one, as option B/C projections have.
+    # v2 Table 1's 1x1-conv shortcut: the paper does not say whether a BN follows the conv. Our choice is
+    # none; shortcut_bn=True adds one, as option B/C projections have.
     "conv1x1": {"shortcut_bn": False},
     # skip_dropout_inverted=False is the paper's: the mask is not rescaled, so the shortcut is scaled by
     # lambda with an expectation of 1-p (v2 sec. 3.1); True is nn.Dropout (expectation 1).
