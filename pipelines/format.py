@@ -189,6 +189,13 @@ def read_manifest(url: str, client: Any | None = None) -> dict:
         manifest = json.loads(storage.read_bytes(murl, client))
     except json.JSONDecodeError as err:
         raise storage.StorageError(f"{murl}: not a valid manifest ({err})") from err
+    except storage.StorageError as err:
+        if murl.endswith(MANIFEST) and storage.size(murl, client) is None:  # shards from elsewhere have none yet
+            raise storage.StorageError(
+                f"{err}; WebDataset shards written elsewhere need one first: python -m pipelines.shards index "
+                f"--split train='{murl[: -len(MANIFEST)]}train-{{000000..000009}}.tar' ... --out {url}"
+            ) from err
+        raise
     if manifest.get("format") != FORMAT or "splits" not in manifest:
         raise storage.StorageError(f"{murl}: not a {FORMAT} manifest")
     manifest.setdefault("label_key", "cls")
