@@ -210,7 +210,20 @@ def storage_url(url: str) -> str:
     return user_path(url, "storage")
 
 
-S3_ATTEMPTS = int(os.environ.get("ORCHESTRATOR_S3_ATTEMPTS", "20"))
+S3_ATTEMPTS = int(os.environ.get("ORCHESTRATOR_S3_ATTEMPTS", "15"))
+
+
+def s3_filesystem(kwargs: dict):
+    """pyarrow's S3 filesystem with retries that survive the trip to Ray's controller and workers:
+    pyarrow pickles every option but the retry strategy, so the copies Ray unpickles fell back to 3
+    attempts (measured: a 30 s outage failed the checkpoint-manager snapshot upload)."""
+    import pyarrow.fs
+
+    class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+        def __reduce__(self):
+            return (s3_filesystem, (kwargs,))
+
+    return RetryingS3FileSystem(**kwargs, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
 
 
 def storage_for_ray(url: str):
@@ -229,10 +242,9 @@ def storage_for_ray(url: str):
         if region:
             kwargs["region"] = region
         # Retries sized to real outages: the SDK's standard strategy (exponential backoff with jitter,
-        # capped at 20 s) over 20 attempts rides out an S3 endpoint that is gone for 30 s; the default 3
+        # capped at 20 s) over 15 attempts (about a minute on average, at most about two) rides out an S3 endpoint that is gone for 30 s; the default 3
         # attempts gave up within a second and cost a worker-group restart, or failed a finished run.
-        kwargs["retry_strategy"] = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
-        fs = pyarrow.fs.S3FileSystem(**kwargs)
+        fs = s3_filesystem(kwargs)
         return f"{parsed.netloc}{parsed.path}".rstrip("/"), fs
     if parsed.scheme not in ("", "file"):
         raise ValueError(f"storage URL {url!r}: use a local folder or s3://bucket/prefix")

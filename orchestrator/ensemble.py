@@ -41,7 +41,7 @@ from .ensemble_model import ResNetEnsemble, build_member
 from .scoring import error_metrics
 
 DEFAULT_CONFIG = "ensemble_digits.yaml"
-PROTOCOLS = ("center", "ten_crop", "multi_scale")
+PROTOCOLS = ("center", "ten_crop", "multi_scale", "multi_scale_center")
 
 
 @dataclass

@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model-uri", required=True, help="e.g. models:/resnet-ensemble@champion or models:/NAME/VERSION")
     p.add_argument("--data", required=True, help="shards folder or s3://bucket/prefix (with manifest.json)")
     p.add_argument("--split", default="test", help="split of the manifest to score (default: test)")
-    p.add_argument("--protocol", default=None, choices=["center", "ten_crop", "multi_scale"],
+    p.add_argument("--protocol", default=None, choices=["center", "ten_crop", "multi_scale", "multi_scale_center"],
                    help="test protocol (default: the one the model was registered with)")
     p.add_argument("--storage", default="./runs", help="where predictions/ is written (folder or s3://...)")
     p.add_argument("--experiment", default="batch-eval", help="MLflow experiment for the evaluation run")
