@@ -212,10 +212,12 @@ def cluster_processes(state: dict) -> list:
     import psutil
 
     markers = [state["temp_dir"], *state.get("node_temp_dirs", [])]
+    me = psutil.Process()
+    skip = {me.pid, *(p.pid for p in me.parents())}  # the caller's command line may name the folder too
     found = {}
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if any(m in part for part in (p.info["cmdline"] or []) for m in markers):
+            if p.pid not in skip and any(m in part for part in (p.info["cmdline"] or []) for m in markers):
                 found[p.pid] = p
                 for c in p.children(recursive=True):
                     found[c.pid] = c
