@@ -408,13 +408,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             epoch_seconds.append(time.perf_counter() - epoch_start)
             left = cfg.schedule.epochs - epoch - 1
             eta = left * sum(epoch_seconds[-3:]) / len(epoch_seconds[-3:])
-            print(
+            say(
                 f"[{label}] epoch {epoch + 1}/{cfg.schedule.epochs}  loss {metrics['train_loss']:.3f}  "
                 f"train err {metrics['train_top1_err']:.2f}%  val err {val['top1_err']:.2f}% "
                 f"(top-5 {val['top5_err']:.2f}%)  lr {lr:.4g}  {metrics['images_per_sec']:.0f} img/s  "
                 f"{epoch_seconds[-1]:.0f} s/epoch  ETA {_duration(eta)}"
-                f"{f'  skipped {skipped:.0f} bad samples' if cfg.data.on_error == 'skip' else ''}",
-                flush=True,
+                f"{f'  skipped {skipped:.0f} bad samples' if cfg.data.on_error == 'skip' else ''}"
             )
         if last:
             break  # max_iters reached before the last epoch
