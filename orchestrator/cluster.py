@@ -231,7 +231,6 @@ def storage_for_ray(url: str):
     s3:// URLs get an explicit S3 filesystem that honours AWS_ENDPOINT_URL (MinIO, moto, ...)."""
     parsed = urlparse(url)
     if parsed.scheme == "s3":
-        import pyarrow.fs
 
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         kwargs = {}
