@@ -133,9 +133,6 @@ def ensure_ray() -> None:
     """
     if ray.is_initialized():
         return
-    # Our Tune trials' drivers ask for 0.01 CPU by design; the raylet then warns about "N worker
-    # processes ... Nx the maximum expected startup concurrency" at every start. Allow more concurrent starts.
-    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "8")
     token = Path.home() / ".ray" / "auth_token"
     if os.environ.get("RAY_ADDRESS") and token.exists() and not os.environ.get("RAY_AUTH_MODE"):
         from .local_cluster import enable_token_auth

@@ -277,7 +277,7 @@ def log_and_register(cfg: EnsembleConfig, members: list[Member], meta: dict, par
             TensorSpec(np.dtype(np.int64), (-1, min(5, k)), "top5"),
         ]),
     )
-    with mlflow.start_run(run_id=parent_run_id):
+    with mlflow.start_run(run_id=parent_run_id), tracking.quiet("mlflow.pyfunc"):
         info = mlflow.pyfunc.log_model(
             name="ensemble",
             python_model=ResNetEnsemble(),

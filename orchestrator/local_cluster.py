@@ -32,8 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# Keeps 127.0.0.1 as the node's address (Ray 2.60 reads it in ray_constants.ENABLE_RAY_CLUSTER).
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Keeps 127.0.0.1 as the node's address (Ray 2.60 reads it in ray_constants.ENABLE_RAY_CLUSTER). And:
+# Tune trials' drivers ask for 0.01 CPU by design, so the raylet warned "N worker processes ... Nx the
+# maximum expected startup concurrency (2)" at every start: allow more concurrent starts.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_worker_maximum_startup_concurrency": "8"}
 
 
 def token_path() -> Path:

@@ -5,6 +5,7 @@ Clients are made here and passed around; only the driver and rank 0 call these f
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import io
 import json
@@ -212,3 +213,19 @@ def log_dataset(client: MlflowClient, run_id: str, manifest: dict, url: str, spl
         profile=json.dumps({"num_samples": entry.get("num_samples"), "num_classes": len(manifest.get("classes", []))}),
     )
     client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str):
+    """MLflow's logger warnings that a user cannot act on, silenced for one call: the pickle advice
+    when logging our models (pickle is deliberate: the nets stay fully convolutional)."""
+    import logging
+
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)

@@ -687,7 +687,7 @@ def _log_final_model(client, run_id: str, cfg: TrainConfig, state: dict, checkpo
     example = torch.zeros(1, model.conv1.in_channels, size, size)
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), tracking.quiet("mlflow.pytorch"):
         mlflow.pytorch.log_model(
             model,
             name="model",
