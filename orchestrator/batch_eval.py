@@ -152,6 +152,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, trust_model
 @ray.remote(num_cpus=1)
 def _score_slice(source: dict, data_url: str, split: str, rank: int, world: int, spec: dict, batch_size: int):
     torch.set_num_threads(1)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per member file otherwise
     if "model_uri" in source:
         _, members = load_registered(source["model_uri"], source.get("tracking_uri"), source.get("trust_model"))
     else:

@@ -214,7 +214,10 @@ def say(line: str) -> None:
 
 def _quiet_ray_train_reports() -> None:
     """Ray Train logs every report at INFO under a logger named by file path, out of LoggingConfig's
-    reach; our one line per epoch is the progress."""
+    reach; our one line per epoch is the progress. Its print patch also puts the root logger at INFO
+    on the console, where botocore said "Found endpoint for s3 via: environment_global" per request."""
+    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context
 

@@ -262,8 +262,12 @@ def _kill_driver(topo, name: str) -> None:
 
 
 def _checkpoint_keys(topo, name: str) -> list[str]:
+    """The checkpoints Ray Train has committed (its snapshot is written after the checkpoint's upload)."""
     got = topo["s3c"].list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{name}/").get("Contents", [])
-    return sorted(o["Key"] for o in got if o["Key"].endswith("/checkpoint.pt"))
+    keys = [o["Key"] for o in got]
+    if f"runs/{name}/checkpoint_manager_snapshot.json" not in keys:
+        return []
+    return sorted(k for k in keys if k.endswith("/checkpoint.pt"))
 
 
 def test_a_killed_driver_then_a_rerun_resumes(topology):
