@@ -57,6 +57,12 @@ def save_checkpoint(state: dict, folder: Path) -> None:
     (folder / CHECKSUM_FILE).write_text(_sha256(folder / CHECKPOINT_FILE) + "\n")
 
 
+def checkpoint_url(ckpt) -> str:
+    """Where a Ray checkpoint is stored, as the user wrote it (s3://bucket/..., or a folder)."""
+    fs = getattr(ckpt, "filesystem", None)
+    return f"s3://{ckpt.path}" if getattr(fs, "type_name", "") == "s3" else str(ckpt.path)
+
+
 def load_checkpoint(path: Path, where: str) -> dict:
     """A checkpoint file, verified against its sha256 sidecar, loaded with weights_only=True.
 
@@ -256,7 +262,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as ckpt_dir:
-            state = load_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, f"{ckpt.path}/{CHECKPOINT_FILE}")
+            state = load_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, f"{checkpoint_url(ckpt)}/{CHECKPOINT_FILE}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
@@ -630,7 +636,7 @@ def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, r
         for f in (CHECKPOINT_FILE, CHECKSUM_FILE):
             if (Path(ckpt_dir) / f).exists():
                 shutil.copy(Path(ckpt_dir) / f, local_dir / f)
-    state = load_checkpoint(local_dir / CHECKPOINT_FILE, f"{result.checkpoint.path}/{CHECKPOINT_FILE}")
+    state = load_checkpoint(local_dir / CHECKPOINT_FILE, f"{checkpoint_url(result.checkpoint)}/{CHECKPOINT_FILE}")
     final = state["history"][-1] if state["history"] else {}
     _log_final_model(client, run_id, cfg, state, local_dir / CHECKPOINT_FILE)
     client.set_terminated(run_id, "FINISHED")

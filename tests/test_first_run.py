@@ -205,6 +205,8 @@ def test_the_mlflow_ui_opens_on_the_training_runs_with_members_nested(first_run,
     # The runs table of model training, not the GenAI overview of traces: the parent run is a row, its
     # members are nested under it (collapsed: not rows of their own), and the table counts them all.
     text = re.sub(r"<[^>]+>", " ", re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S))
+    text = re.sub(r"\s+", " ", text)
+    (first_run["base"] / "experiment.txt").write_text(text)
     assert "resnet-ensemble" in text, text[-2000:]
     assert "Model training" in text and "Traces" in text
     assert "No data available for the selected time range" not in text, "the GenAI overview"
