@@ -21,6 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = 20.0  # seconds: a check, not a training
 
 
+@pytest.fixture(autouse=True)
+def _environ_restored():
+    """`main()` runs in this process and sets process-wide settings (RAY_DEDUP_LOGS, the S3 checksum
+    mode, ...), as it does at the start of a command; later tests must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _imported():
     """The commands' modules imported once: the bound below is for the checks, not for importing torch and Ray."""

@@ -299,6 +299,8 @@ def test_train_on_shardwriter_output_with_a_bad_sample_skipped(tmp_path, monkeyp
 
 def test_s3_compat_settings_follow_the_endpoint(monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    for k in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):  # botocore reads them too
+        monkeypatch.delenv(k, raising=False)
     for endpoint, compat in [(None, False), ("https://s3.eu-west-1.amazonaws.com", False), ("http://127.0.0.1:9000", True), ("https://minio.example.org", True)]:
         if endpoint:
             monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)

@@ -197,6 +197,14 @@ def no_run_left_running(topo):
     assert running == [], running
 
 
+def seconds_lost(topo, name: str) -> float:
+    """The slowest epoch minus the median epoch, from the times MLflow recorded each epoch at."""
+    client, run = the_run(topo, name)
+    times = sorted(m.timestamp for m in client.get_metric_history(run.info.run_id, "epoch"))
+    gaps = sorted((b - a) / 1000 for a, b in zip(times, times[1:], strict=False))
+    return gaps[-1] - gaps[len(gaps) // 2] if gaps else float("nan")
+
+
 def restarts(log: str) -> int:
     return log.count("] resume from epoch")
 
@@ -210,6 +218,19 @@ def _cmdline(p) -> str:
 
 def workers(topo) -> list:
     return [p for p in cluster_processes(topo["state"]) if "RayTrainWorker" in _cmdline(p)]
+
+
+def test_every_listening_socket_of_both_nodes_is_loopback(topology):
+    listening = []
+    for p in cluster_processes(topology["state"]):
+        try:
+            listening += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except (psutil.Error, OSError):
+            continue
+    assert len({ip for _, ip, _ in listening}) >= 1 and len(listening) >= 8, listening
+    outside = [s for s in listening if s[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert outside == [], outside
 
 
 def test_training_across_both_nodes_survives_a_killed_worker(topology):
@@ -237,7 +258,8 @@ def test_an_s3_outage_of_30_s_costs_no_restart(topology):
     rc, log = job.wait()
     assert rc == 0, log[-3000:]
     check_finished(topology, "s3-outage", 4)
-    topology["times"]["S3 stopped 30 s"] = f"finished, {restarts(log)} restarts, {job.seconds:.0f} s"
+    topology["times"]["S3 stopped 30 s"] = (f"finished, {restarts(log)} restarts, {job.seconds:.0f} s, "
+                                          f"{seconds_lost(topology, 's3-outage'):.0f} s lost")
     assert restarts(log) == 0, "botocore/pyarrow retries ride it out: no worker-group restart spent"
 
 
@@ -250,7 +272,8 @@ def test_an_mlflow_outage_of_30_s_loses_and_duplicates_no_epoch(topology):
     rc, log = job.wait()
     assert rc == 0, log[-3000:]
     check_finished(topology, "mlflow-outage", 4)
-    topology["times"]["MLflow stopped 30 s"] = f"finished, {restarts(log)} restarts, {job.seconds:.0f} s"
+    topology["times"]["MLflow stopped 30 s"] = (f"finished, {restarts(log)} restarts, {job.seconds:.0f} s, "
+                                              f"{seconds_lost(topology, 'mlflow-outage'):.0f} s lost")
 
 
 def _kill_driver(topo, name: str) -> None:
