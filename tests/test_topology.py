@@ -249,31 +249,27 @@ def test_training_across_both_nodes_survives_a_killed_worker(topology):
     topology["times"]["worker SIGKILL mid-epoch"] = f"finished, 1 restart, {job.seconds:.0f} s"
 
 
-def test_an_s3_outage_of_30_s_costs_no_restart(topology):
-    job = Job(topology, train_args("s3-outage"))
-    wait_for(lambda: len(epochs_logged(topology, "s3-outage")) >= 1, 300, "the first epoch")
-    topology["s3"].stop()
+def outage_drill(topo, name: str, server, what: str) -> str:
+    """Train while `server` is stopped for 30 s after the first epoch; returns the job's output."""
+    job = Job(topo, train_args(name))
+    wait_for(lambda: len(epochs_logged(topo, name)) >= 1, 300, "the first epoch")
+    server.stop()
     time.sleep(30)
-    topology["s3"].start()
+    server.start()
     rc, log = job.wait()
     assert rc == 0, log[-3000:]
-    check_finished(topology, "s3-outage", 4)
-    topology["times"]["S3 stopped 30 s"] = (f"finished, {restarts(log)} restarts, {job.seconds:.0f} s, "
-                                          f"{seconds_lost(topology, 's3-outage'):.0f} s lost")
+    check_finished(topo, name, 4)
+    topo["times"][what] = f"finished, {restarts(log)} restarts, {job.seconds:.0f} s, {seconds_lost(topo, name):.0f} s lost"
+    return log
+
+
+def test_an_s3_outage_of_30_s_costs_no_restart(topology):
+    log = outage_drill(topology, "s3-outage", topology["s3"], "S3 stopped 30 s")
     assert restarts(log) == 0, "botocore/pyarrow retries ride it out: no worker-group restart spent"
 
 
 def test_an_mlflow_outage_of_30_s_loses_and_duplicates_no_epoch(topology):
-    job = Job(topology, train_args("mlflow-outage"))
-    wait_for(lambda: len(epochs_logged(topology, "mlflow-outage")) >= 1, 300, "the first epoch")
-    topology["mlflow"].stop()
-    time.sleep(30)
-    topology["mlflow"].start()
-    rc, log = job.wait()
-    assert rc == 0, log[-3000:]
-    check_finished(topology, "mlflow-outage", 4)
-    topology["times"]["MLflow stopped 30 s"] = (f"finished, {restarts(log)} restarts, {job.seconds:.0f} s, "
-                                              f"{seconds_lost(topology, 'mlflow-outage'):.0f} s lost")
+    outage_drill(topology, "mlflow-outage", topology["mlflow"], "MLflow stopped 30 s")
 
 
 def _kill_driver(topo, name: str) -> None:
