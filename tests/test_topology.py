@@ -253,13 +253,16 @@ def outage_drill(topo, name: str, server, what: str) -> str:
     """Train while `server` is stopped for 30 s after the first epoch; returns the job's output."""
     job = Job(topo, train_args(name))
     wait_for(lambda: len(epochs_logged(topo, name)) >= 1, 300, "the first epoch")
+    down = time.monotonic()
     server.stop()
     time.sleep(30)
-    server.start()
+    server.start()  # returns once the server answers again
+    down = time.monotonic() - down
     rc, log = job.wait()
     assert rc == 0, log[-3000:]
     check_finished(topo, name, 4)
-    topo["times"][what] = f"finished, {restarts(log)} restarts, {job.seconds:.0f} s, {seconds_lost(topo, name):.0f} s lost"
+    topo["times"][what] = (f"finished, {restarts(log)} restarts, {job.seconds:.0f} s, down {down:.0f} s, "
+                           f"{seconds_lost(topo, name):.0f} s lost")
     return log
 
 
