@@ -75,18 +75,6 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def client_env(state: dict | None = None) -> dict:
-    """Environment for a CLI client or driver of this cluster (token auth on)."""
-    env = {"RAY_AUTH_MODE": "token"}
-    if state:
-        env["RAY_ADDRESS"] = f"http://127.0.0.1:{state['dashboard_port']}"
-    return env
-
-
-def _ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
-
-
 def _node_ports(n_extra: int = 0) -> dict:
     names = ["node_manager_port", "object_manager_port", "dashboard_agent_listen_port", "dashboard_agent_grpc_port",
              "runtime_env_agent_port", "metrics_export_port"]
@@ -105,11 +93,13 @@ def _node_flags(ports: dict, num_cpus: float | None, resources: dict | None) -> 
     return flags
 
 
-def _run_ray(args: list[str], env: dict) -> None:
-    out = subprocess.run([_ray_bin(), *args], env=env, capture_output=True, text=True)
+def _run_ray(args: list[str], env: dict, cli: list[str] | None = None) -> None:
+    """`ray ARGS` (or the same CLI through `cli`, a command that runs it), failing with its last lines."""
+    out = subprocess.run([*(cli or [str(Path(sys.executable).with_name("ray"))]), *args], env=env,
+                         capture_output=True, text=True)
     if out.returncode != 0:
         tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
-        raise LocalClusterError(f"`ray {args[0]}` failed (exit {out.returncode}):\n{tail}")
+        raise LocalClusterError(f"`ray {' '.join(args[:2])}` failed (exit {out.returncode}):\n{tail}")
 
 
 def start(state_file: Path, *, num_cpus: float | None = None, resources: dict | None = None,
@@ -158,10 +148,7 @@ def add_node(state_file: Path, *, num_cpus: float | None = None, resources: dict
     node_temp = tempfile.mkdtemp(prefix="ray-node-", dir="/tmp")
     argv = ["start", f"--address={state['gcs_address']}", f"--temp-dir={node_temp}",
             *_node_flags(ports, num_cpus, resources)]
-    out = subprocess.run([sys.executable, "-c", lift, *argv], env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
-        raise LocalClusterError(f"`ray start --address` failed (exit {out.returncode}):\n{tail}")
+    _run_ray(argv, env, cli=[sys.executable, "-c", lift])
     state["nodes"] = state.get("nodes", 1) + 1
     state.setdefault("node_manager_ports", []).append(ports["node_manager_port"])
     state.setdefault("node_temp_dirs", []).append(node_temp)

@@ -9,7 +9,6 @@ policy does not spend Ray Train's restarts on them (`train.DeterministicFailureP
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -110,7 +109,3 @@ def is_deterministic(err: BaseException | None) -> bool:
         err = getattr(err, "cause", None) or err.__cause__
         seen += 1
     return False
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     # EXCLUDES already leaves out .git and .venv; Ray would warn about its own defaults otherwise.
     os.environ.setdefault("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", "")
-    os.execv(submit_argv(command, args.address, args.no_wait)[0], submit_argv(command, args.address, args.no_wait))
+    argv = submit_argv(command, args.address, args.no_wait)
+    os.execv(argv[0], argv)
     return 0  # not reached
 
 

@@ -82,7 +82,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def source_tags(label: str | None = None) -> dict:
+def source_tags() -> dict:
     """Who ran what, for the runs table: user, source (the command), git commit."""
     commit = git_commit()
     tags = {
@@ -93,8 +93,6 @@ def source_tags(label: str | None = None) -> dict:
     }
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
-    if label:
-        tags["mlflow.runName"] = label
     return tags
 
 

@@ -472,10 +472,11 @@ def ensure_data(cfg: TrainConfig, source: str | None, *, asked: bool = False) ->
     shards_main(["write", "--source", source, "--out", cfg.data.url])
 
 
-def preflight(cfg: TrainConfig, storage: str) -> tuple[str, dict]:
+def preflight(cfg: TrainConfig, storage: str, checked: bool = False) -> tuple[str, dict]:
     """Everything the driver can check before Ray Train starts (seconds, one line per failure):
     paths resolved where the user ran the command, the manifest readable with both splits, the
-    storage writable, the MLflow store reachable. Returns (storage, manifest)."""
+    storage writable, the MLflow store reachable. Returns (storage, manifest); `checked`: the caller
+    (a study or an ensemble) already probed the storage and the MLflow store, once for all its trials."""
     from . import preflight as checks
     from .cluster import storage_url, user_path
 
@@ -484,8 +485,9 @@ def preflight(cfg: TrainConfig, storage: str) -> tuple[str, dict]:
         cfg.data.cache_dir = user_path(cfg.data.cache_dir, "data.cache_dir")
     storage = storage_url(storage)
     manifest = checks.check_data(cfg.data.url, [cfg.data.train_split, cfg.data.val_split])
-    checks.check_storage(storage)
-    checks.check_tracking(tracking.tracking_uri())
+    if not checked:
+        checks.check_storage(storage)
+        checks.check_tracking(tracking.tracking_uri())
     return storage, manifest
 
 
@@ -565,7 +567,7 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
     `checked`: the caller already ran the preflight checks (a study or ensemble checks once for all)."""
     import mlflow
 
-    storage, manifest = preflight(cfg, storage)
+    storage, manifest = preflight(cfg, storage, checked)
     if not checked:
         check_cluster([cfg], f"training {cfg.model.name}")
     name = run_name(cfg)

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
+
+from orchestrator.local_cluster import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -161,19 +162,13 @@ def test_mlflow_metadata_worth_browsing(first_run):
     assert version.description == note
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (scripts/test.sh installs it)")
 def test_the_mlflow_ui_opens_on_the_training_runs_with_members_nested(first_run, tmp_path):
     """What a user sees: `mlflow ui` on the store, the experiment opened in headless Chromium."""
     assert first_run["rc"] == 0
     client = MlflowClient(first_run["uri"])
     exp = client.get_experiment_by_name("ensemble-digits")
-    port = _free_port()
+    port = free_ports(1)[0]
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
     server = subprocess.Popen(
         [mlflow_bin, "ui", "--backend-store-uri", first_run["uri"], "--host", "127.0.0.1", "--port", str(port),
