@@ -34,7 +34,7 @@ import pipelines
 
 from . import tracking
 from .config import TrainConfig, derived, from_dict, to_dict
-from .train import Transformed, make_batch_transforms, make_optimizer, make_transforms
+from .step import Transformed, make_batch_transforms, make_optimizer, make_transforms
 
 # Dense (no sparsity) tensor-core peaks per GPU in TFLOP/s, from NVIDIA's datasheets; first match wins.
 PEAK_TFLOPS = (

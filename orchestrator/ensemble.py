@@ -137,8 +137,8 @@ class Member:
 
 
 def _state_from_file(path: str, member: MemberSpec | None = None) -> dict:
+    from .checkpoints import load_checkpoint
     from .cluster import user_path
-    from .train import load_checkpoint
 
     path = user_path(path, "member checkpoint")
     if not Path(path).exists():

@@ -76,9 +76,9 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from pipelines import DataError, ManifestMismatchError, StorageError
 
     from .batch_eval import EvaluationError
+    from .checkpoints import CheckpointIntegrityError
     from .cluster import ClusterTooSmall, UserPathError
     from .local_cluster import LocalClusterError
-    from .train import CheckpointIntegrityError
 
     return (ConfigError, DataError, ManifestMismatchError, StorageError, EvaluationError, ClusterTooSmall,
             UserPathError, LocalClusterError, CheckpointIntegrityError)

@@ -6,7 +6,6 @@ driver that builds the TorchTrainer. The worker knows nothing of Tune; Tune wrap
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -33,103 +32,23 @@ import models
 import pipelines
 
 from . import tracking
+from .checkpoints import (
+    CHECKPOINT_FILE,
+    CHECKSUM_FILE,
+    checkpoint_url,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig, derived, flatten, from_dict, run_name, to_dict
-from .scoring import correct_topk, view_averaged_probs
-
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKSUM_FILE = "checkpoint.pt.sha256"  # beside every checkpoint: what was written is what is read back
-
-
-class CheckpointIntegrityError(RuntimeError):
-    """A checkpoint whose bytes differ from the checksum written with it."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def save_checkpoint(state: dict, folder: Path) -> None:
-    torch.save(state, folder / CHECKPOINT_FILE)
-    (folder / CHECKSUM_FILE).write_text(_sha256(folder / CHECKPOINT_FILE) + "\n")
-
-
-def checkpoint_url(ckpt) -> str:
-    """Where a Ray checkpoint is stored, as the user wrote it (s3://bucket/..., or a folder)."""
-    fs = getattr(ckpt, "filesystem", None)
-    return f"s3://{ckpt.path}" if getattr(fs, "type_name", "") == "s3" else str(ckpt.path)
-
-
-def load_checkpoint(path: Path, where: str) -> dict:
-    """A checkpoint file, verified against its sha256 sidecar, loaded with weights_only=True.
-
-    `where` names the stored object (e.g. s3://bucket/runs/NAME/epoch_0003/checkpoint.pt) in the error."""
-    path = Path(path)
-    sidecar = path.with_name(CHECKSUM_FILE)
-    if sidecar.exists():
-        want, got = sidecar.read_text().split()[0], _sha256(path)
-        if want != got:
-            raise CheckpointIntegrityError(
-                f"checkpoint {where} is corrupt: its sha256 is {got[:12]}..., {CHECKSUM_FILE} says {want[:12]}... "
-                f"({path.stat().st_size} bytes). Likely causes: an S3-compatible store that kept aws-chunked "
-                "framing inside the object (set AWS_REQUEST_CHECKSUM_CALCULATION=when_required), or the object "
-                "was overwritten. Delete that checkpoint folder to resume from an earlier one."
-            )
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise CheckpointIntegrityError(f"checkpoint {where} cannot be loaded: {str(e).splitlines()[0]}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Pieces the worker loop uses (pure functions of their inputs).
-
-
-def lr_at(cfg: TrainConfig, base_lr: float, it: int, steps_per_epoch: int, plateau_scale: float) -> float:
-    """Learning rate at iteration `it` (warm-up is handled by the caller)."""
-    s = cfg.schedule
-    if s.kind == "step":
-        unit = steps_per_epoch if s.milestone_unit == "epoch" else 1
-        passed = sum(it >= m * unit for m in s.milestones)
-        return base_lr * s.gamma**passed
-    if s.kind == "plateau":
-        return base_lr * plateau_scale
-    total = max(1, s.epochs * steps_per_epoch)  # cosine
-    return base_lr * 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
-
-
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device) -> dict:
-    """Loss, top-1 and top-5 error (%) over a split that the ranks read once between them.
-
-    A view dimension (10-crop: B x V x C x H x W) or a tuple of scales is averaged in softmax space.
-    """
-    model.eval()
-    loss_sum = c1 = c5 = n = 0.0
-    for images, labels in loader:
-        labels = labels.to(device)
-        probs = view_averaged_probs(model, images, device)
-        loss_sum += float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), labels, reduction="sum"))
-        a, b = correct_topk(probs, labels)
-        c1, c5, n = c1 + a, c5 + b, n + len(labels)
-    loss_sum, c1, c5, n = all_reduce_sum([loss_sum, c1, c5, n], device)
-    # Exactly once: the ranks together scored every sample the manifest lists (a skipped or doubled
-    # sample would change the denominator silently). `Transformed` wraps the ShardLoader.
-    expected = getattr(getattr(loader, "loader", loader), "split_samples", None)
-    if expected is not None and int(n) != expected:
-        raise pipelines.DataError(f"evaluation scored {int(n)} samples but the manifest lists {expected} for this split")
-    n = max(n, 1.0)
-    return {"loss": loss_sum / n, "top1_err": 100 * (1 - c1 / n), "top5_err": 100 * (1 - c5 / n), "n": int(n)}
+from .step import (
+    Transformed,
+    all_reduce_sum,
+    evaluate,
+    lr_at,
+    make_batch_transforms,
+    make_optimizer,
+    make_transforms,
+)
 
 
 def rng_state() -> dict:
@@ -146,65 +65,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     random.setstate(state["python"])
-
-
-def make_transforms(cfg: TrainConfig, manifest: dict, protocol: str = "center"):
-    """(train, test) transforms of the configured kind, normalised with the manifest's mean/std."""
-    d = cfg.data
-    common = {"mean": manifest["mean"], "std": manifest["std"]}
-    if d.kind == "imagenet":
-        train = pipelines.make_transform(
-            "imagenet", True, size=d.size, scale_range=tuple(d.scale_range) or None, lighting=d.pca_lighting, **common
-        )
-        test = pipelines.make_transform(
-            "imagenet", False, size=d.test_size or d.size, resize=d.resize or None, protocol=protocol, **common
-        )
-    else:
-        train = pipelines.make_transform("cifar", True, size=d.size, **common)
-        test = pipelines.make_transform("cifar", False, size=d.test_size or d.size, protocol=protocol, **common)
-    return train, test
-
-
-def make_batch_transforms(cfg: TrainConfig, manifest: dict, device: torch.device, generator: torch.Generator):
-    """(train, test) transforms of encoded batches on `device` (data.decode_on=gpu): nvJPEG + crops on CUDA,
-    the same code on the CPU otherwise."""
-    d = cfg.data
-    common = {"mean": manifest["mean"], "std": manifest["std"], "device": device, "generator": generator}
-    train = pipelines.make_batch_transform(
-        "imagenet", True, size=d.size, scale_range=tuple(d.scale_range) or None, lighting=d.pca_lighting, **common
-    )
-    test = pipelines.make_batch_transform("imagenet", False, size=d.test_size or d.size, resize=d.resize or None, **common)
-    return train, test
-
-
-class Transformed:
-    """`loader`'s (encoded images, labels) batches with the images decoded by `batch_transform` (re-iterable)."""
-
-    def __init__(self, loader, batch_transform):
-        self.loader, self.batch_transform = loader, batch_transform
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for images, labels in self.loader:
-            yield self.batch_transform(images), labels
-
-
-def optimizer_impl(device: torch.device) -> dict:
-    """SGD's implementation: one fused kernel for the whole update on CUDA; multi-tensor (foreach) elsewhere."""
-    return {"fused": True} if device.type == "cuda" else {"foreach": True}
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.SGD:
-    return torch.optim.SGD(  # v1: weight decay on every parameter, BN included
-        model.parameters(),
-        lr=lr,
-        momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay,
-        nesterov=cfg.optim.nesterov,
-        **optimizer_impl(device),
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import pipelines
-from orchestrator import bench, tracking, train
+from orchestrator import bench, step, tracking, train
 from orchestrator.config import ConfigError, load_train_config, to_dict
 from orchestrator.run import main as run_main
 
@@ -58,14 +58,14 @@ def test_peak_table(name, precision, peak):
 
 
 def test_sgd_is_fused_on_cuda_and_foreach_on_cpu():
-    assert train.optimizer_impl(torch.device("cuda", 0)) == {"fused": True}
-    assert train.optimizer_impl(torch.device("cpu")) == {"foreach": True}
+    assert step.optimizer_impl(torch.device("cuda", 0)) == {"fused": True}
+    assert step.optimizer_impl(torch.device("cpu")) == {"foreach": True}
     cfg = load_train_config("digits_resnet20.yaml")
-    opt = train.make_optimizer(nn.Linear(2, 2), cfg, 0.1, torch.device("cpu"))
+    opt = step.make_optimizer(nn.Linear(2, 2), cfg, 0.1, torch.device("cpu"))
     assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
     assert opt.defaults["weight_decay"] == cfg.optim.weight_decay and opt.defaults["momentum"] == cfg.optim.momentum
     if torch.cuda.is_available():
-        assert train.make_optimizer(nn.Linear(2, 2).cuda(), cfg, 0.1, torch.device("cuda")).defaults["fused"] is True
+        assert step.make_optimizer(nn.Linear(2, 2).cuda(), cfg, 0.1, torch.device("cuda")).defaults["fused"] is True
 
 
 def test_fast_path_config_keys():

@@ -158,7 +158,8 @@ def test_the_failure_policy_does_not_retry_what_a_retry_cannot_fix():
     from ray.train.v2.api.config import FailureConfig
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from orchestrator.train import CheckpointIntegrityError, DeterministicFailurePolicy
+    from orchestrator.checkpoints import CheckpointIntegrityError
+    from orchestrator.train import DeterministicFailurePolicy
     from pipelines import ManifestMismatchError
 
     policy = DeterministicFailurePolicy(FailureConfig(max_failures=2))

@@ -139,7 +139,7 @@ def test_bad_on_error_names_the_valid_values(small):
 
 
 def test_evaluation_counts_against_the_manifest(tmp_path):
-    from orchestrator.train import evaluate
+    from orchestrator.step import evaluate
 
     url = str(tmp_path)
     write_shards("synthetic:classes=3,size=8,train=0,val=21,format=png", url, shard_size=5, progress=False)

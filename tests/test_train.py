@@ -105,7 +105,12 @@ def test_a_failure_to_delete_an_old_checkpoint_is_a_warning_not_a_failed_run(cap
 
 
 def test_checkpoints_carry_a_checksum_that_is_checked_on_load(tmp_path):
-    from orchestrator.train import CHECKPOINT_FILE, CheckpointIntegrityError, load_checkpoint, save_checkpoint
+    from orchestrator.checkpoints import (
+        CHECKPOINT_FILE,
+        CheckpointIntegrityError,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     save_checkpoint({"epoch": 3, "model": {"w": torch.ones(2)}}, tmp_path)
     assert load_checkpoint(tmp_path / CHECKPOINT_FILE, "here")["epoch"] == 3
