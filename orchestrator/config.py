@@ -78,7 +78,12 @@ class ScheduleConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2
+    # Training workers: a number, or [min, max] for elastic training (Ray's elastic ScalingConfig): the run
+    # starts with as many as the cluster can place, goes on with fewer when a node is lost (from the last
+    # checkpoint), and grows back at the next resize check. The global batch (optim.batch_size) and the
+    # learning-rate schedule are the same at every size.
+    num_workers: int | list = 2
+    resize_interval_s: float = 60.0  # elastic: how often Ray checks whether more workers fit (a resize restarts from the last checkpoint)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     sync_batchnorm: bool = False
@@ -86,12 +91,26 @@ class ScalingConfig:
     channels_last: bool = True  # on GPU (ignored on CPU)
     compile: bool = False  # torch.compile the model (minutes of compile time at start-up; pays off in long runs)
 
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
 
 @dataclass
 class CheckpointConfig:
     every_epochs: int = 1
+    every_steps: int = 0  # also a checkpoint every this many global steps, mid-epoch (0: only at epoch ends)
+    every_minutes: float = 0.0  # also a checkpoint when this many minutes passed since the last one (0: never)
     keep_best: int = 2  # best by val top-1 error; the latest is always kept for resume
     max_failures: int = 2  # worker-group restarts from the last checkpoint
+    max_preemptions: int = -1  # restarts after node preemptions (drains), counted apart from failures; -1: no limit
+    # Preemption notices (a drained node) are polled every this many steps, at a step boundary that every
+    # rank reaches (the poll is a barrier); 0: about every 5 s of training, measured at the start.
+    preemption_poll_steps: int = 0
     node_wait_s: float = 300.0  # how long a run waits for lost nodes to come back before it fails
 
 
@@ -107,6 +126,8 @@ class DebugConfig:
     # Fault injection for tests and drills: kill one worker process once at this epoch (-1: never).
     kill_worker_at_epoch: int = -1
     kill_marker: str = ""  # file created when the kill happened, so it happens only once
+    kill_worker_at_step: int = -1  # SIGKILL the last rank's process once, just before this global step (-1: never)
+    trace_dir: str = ""  # each rank appends the sample keys of every step it trains here (drills count them)
 
 
 @dataclass
@@ -245,11 +266,11 @@ def validate(cfg: TrainConfig) -> None:
         resolve(cfg.model.name, **cfg.model.overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    _check_workers(cfg.scaling.num_workers)
     positive = {
         "optim.batch_size": cfg.optim.batch_size,
         "optim.lr_reference_batch": cfg.optim.lr_reference_batch,
         "schedule.epochs": cfg.schedule.epochs,
-        "scaling.num_workers": cfg.scaling.num_workers,
         "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
         "checkpoint.keep_best": cfg.checkpoint.keep_best,
         "data.size": cfg.data.size,
@@ -257,10 +278,19 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
-    if cfg.optim.batch_size % cfg.scaling.num_workers:
+    non_negative = {
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
+        "checkpoint.preemption_poll_steps": cfg.checkpoint.preemption_poll_steps,
+        "scaling.resize_interval_s": cfg.scaling.resize_interval_s,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.optim.batch_size < cfg.scaling.max_workers:
         raise ConfigError(
-            f"optim.batch_size={cfg.optim.batch_size} is not divisible by scaling.num_workers="
-            f"{cfg.scaling.num_workers}: every worker must get the same per-worker batch"
+            f"optim.batch_size={cfg.optim.batch_size} is the global batch: it must give each of the "
+            f"{cfg.scaling.max_workers} workers at least one sample"
         )
     if cfg.schedule.max_iters < 0:
         raise ConfigError(f"schedule.max_iters must be >= 0 (0: no limit), got {cfg.schedule.max_iters}")
@@ -278,12 +308,20 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.scale_range must be [low, high] with data.size <= low <= high, got {sr}")
 
 
+def _check_workers(value) -> None:
+    if isinstance(value, list):
+        if len(value) != 2 or not all(type(v) is int for v in value) or not 1 <= value[0] <= value[1]:
+            raise ConfigError(f"scaling.num_workers: {value!r} must be a number of workers or [min, max] with 1 <= min <= max")
+    elif value <= 0:
+        raise ConfigError(f"scaling.num_workers must be > 0, got {value}")
+
+
 def derived(cfg: TrainConfig) -> dict:
     """Values computed from the config, in one place (logged with the run)."""
-    per_worker = cfg.optim.batch_size // cfg.scaling.num_workers
+    per_worker = -(-cfg.optim.batch_size // cfg.scaling.max_workers)
     return {
-        "global_batch": cfg.optim.batch_size,
-        "per_worker_batch": per_worker,
+        "global_batch": cfg.optim.batch_size,  # the same at every world size (elastic runs included)
+        "per_worker_batch": per_worker,  # at the largest world size; shares of the global batch differ by <= 1
         "lr_scaled": cfg.optim.lr * cfg.optim.batch_size / cfg.optim.lr_reference_batch,
         "backend": "nccl" if cfg.scaling.use_gpu else "gloo",
         "test_size": cfg.data.test_size or cfg.data.size,
@@ -291,11 +329,13 @@ def derived(cfg: TrainConfig) -> dict:
 
 
 def config_hash(cfg: TrainConfig) -> str:
-    """A short stable hash of what determines the result (not debugging switches)."""
-    data = to_dict(cfg)
-    data.pop("debug")
-    data["tracking"].pop("run_name")
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+    """A short stable hash of what determines the result: the values that differ from the defaults (not
+    debugging switches, not the run name). A key added later at its default leaves every name as it was,
+    so a rerun of an existing config still finds its run and resumes it."""
+    ignored = ("debug.", "tracking.run_name")
+    data, default = flatten(to_dict(cfg)), flatten(to_dict(TrainConfig()))
+    diff = {k: v for k, v in data.items() if not k.startswith(ignored) and (k not in default or default[k] != v)}
+    return hashlib.sha256(json.dumps(diff, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def run_name(cfg: TrainConfig) -> str:

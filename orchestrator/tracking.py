@@ -144,6 +144,7 @@ class EpochLogger:
         self.client = MlflowClient(uri)
         self.run_id = run_id
         self.logged = {int(m.value) for m in self.client.get_metric_history(run_id, "epoch")}
+        self.step_logged: dict[str, int] = {}  # per step metric: the last step logged
 
     def log(self, epoch: int, step: int, metrics: dict) -> None:
         if epoch in self.logged:
@@ -153,6 +154,20 @@ class EpochLogger:
         batch.append(Metric("epoch", float(epoch), now, step))  # last: marks the epoch as logged
         self.client.log_batch(self.run_id, metrics=batch)
         self.logged.add(epoch)
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        """Metrics at a global step (between epochs), each (metric, step) once: steps that a restart trains
+        again after the last checkpoint are not logged again."""
+        now = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            if key not in self.step_logged:
+                self.step_logged[key] = max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+            if step > self.step_logged[key]:
+                batch.append(Metric(key, float(value), now, step))
+                self.step_logged[key] = step
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
 
 
 def error_plot_png(client: MlflowClient, run_id: str, title: str) -> bytes:

@@ -16,16 +16,14 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy  # Ray 2.60 (pinned)
-from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
-from ray.train.v2.api.config import LoggingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
 import models
 
 from . import tracking
 from .checkpoints import CHECKPOINT_FILE, CHECKSUM_FILE, checkpoint_url, load_checkpoint
 from .config import TrainConfig, derived, flatten, run_name, to_dict
+from .controller import FailFast, epoch_reports_to_tune
 from .worker import say, train_loop_per_worker
 
 # ---------------------------------------------------------------------------------------------
@@ -88,49 +86,8 @@ def check_cluster(cfgs: list[TrainConfig], what: str) -> None:
 
     ensure_ray()
     for c in cfgs:
-        check_fits(c.scaling.num_workers, c.scaling.cpus_per_worker, c.scaling.use_gpu, what)
+        check_fits(c.scaling.min_workers, c.scaling.cpus_per_worker, c.scaling.use_gpu, what)
     check_worker_credentials([c.data.url for c in cfgs])
-
-
-class _Trainer(ray.train.torch.TorchTrainer):
-    """TorchTrainer whose failure policy does not retry what a retry cannot fix."""
-
-    def _initialize_and_run_controller(self, **kwargs):
-        kwargs["failure_policy"] = DeterministicFailurePolicy(self.run_config.failure_config)
-        return super()._initialize_and_run_controller(**kwargs)
-
-
-class DeterministicFailurePolicy(DefaultFailurePolicy):
-    """Ray's default policy (restart the worker group up to `max_failures` times), except for errors
-    a retry cannot fix (bad data, a corrupt checkpoint, a config error): those fail the run at once,
-    instead of costing a minute of restarts that fail the same way."""
-
-    def make_decision(self, training_failed_error):
-        from .preflight import is_deterministic
-
-        failures = getattr(training_failed_error, "worker_failures", None) or {}
-        if failures and any(is_deterministic(e) for e in failures.values()):
-            return FailureDecision.RAISE
-        return super().make_decision(training_failed_error)
-
-
-def _tolerant_delete(fs, fs_path: str) -> None:
-    """Deleting an old checkpoint is housekeeping: a failure (a transient 500 from S3 on
-    ListObjectsV2, measured) must not fail a run whose training finished. It is a warning, and the
-    checkpoint stays in storage."""
-    try:
-        _ray_delete_fs_path(fs=fs, fs_path=fs_path)
-    except Exception as e:  # noqa: BLE001
-        say(f"[checkpoint] warning: could not delete the old checkpoint {fs_path} ({str(e).splitlines()[0]}); it stays")
-
-
-# Ray Train's checkpoint manager runs in its controller, which imports this module to unpickle the
-# failure policy above: that is where its deletions go through `_tolerant_delete` (Ray 2.60, pinned).
-from ray.train.v2._internal.execution.checkpoint import checkpoint_manager as _ray_ckpt_manager  # noqa: E402
-
-_ray_delete_fs_path = getattr(_ray_ckpt_manager.delete_fs_path, "__wrapped__", _ray_ckpt_manager.delete_fs_path)
-_tolerant_delete.__wrapped__ = _ray_delete_fs_path  # a re-import wraps Ray's function, not this one
-_ray_ckpt_manager.delete_fs_path = _tolerant_delete
 
 
 def root_cause(err: BaseException) -> str:
@@ -182,51 +139,12 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
 
 
 def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, run_id: str, name: str, label: str) -> FitResult:
-    from .cluster import forwarded_env, storage_for_ray
-
     tracking.log_dict(client, run_id, to_dict(cfg), "config/train_config.json")
     for split, context in ((cfg.data.train_split, "training"), (cfg.data.val_split, "validation")):
         tracking.log_dataset(client, run_id, manifest, cfg.data.url, split, context)
     print(f"[train] {label}: run {name}  (MLflow run {run_id} at {uri})", flush=True)
-    callbacks = []
-    if _in_tune_session():  # per-epoch metrics to Tune (for schedulers such as ASHA)
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
-
-    storage_path, fs = storage_for_ray(storage)
-    # A node that is gone: Ray Train retries the worker group's start every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
-    # (60 s); without a limit it would retry until the node came back. Wait at most checkpoint.node_wait_s.
-    start_timeout = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
-    controller_retries = max(1, math.ceil(cfg.checkpoint.node_wait_s / start_timeout))
-    trainer = _Trainer(
-        train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id, "name": name,
-                           "label": label},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=name,  # deterministic: re-running the same command resumes from the last checkpoint
-            storage_path=storage_path,
-            storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures,
-                                         controller_failure_limit=controller_retries),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.checkpoint.keep_best,
-                checkpoint_score_attribute="val_top1_err",
-                checkpoint_score_order="min",
-            ),
-            logging_config=LoggingConfig(log_level="WARNING"),  # our per-epoch line is the progress
-            worker_runtime_env={"env_vars": forwarded_env()},  # never a secret: see cluster.FORWARDED_ENV
-            callbacks=callbacks,
-        ),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = _train(cfg, storage, name, label, {"train": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id,
+                                                "name": name, "label": label})
 
     local_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     with result.checkpoint.as_directory() as ckpt_dir:
@@ -236,13 +154,103 @@ def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, r
     state = load_checkpoint(local_dir / CHECKPOINT_FILE, f"{checkpoint_url(result.checkpoint)}/{CHECKPOINT_FILE}")
     final = state["history"][-1] if state["history"] else {}
     _log_final_model(client, run_id, cfg, state, local_dir / CHECKPOINT_FILE)
+    sizes = state.get("progress", {}).get("world_sizes", [])
+    if sizes:  # the world size per range of iterations (elastic runs change it)
+        tracking.set_tags(client, run_id, {"world_size_by_iteration": ", ".join(f"from {s}: {w}" for s, w in sizes)})
     client.set_terminated(run_id, "FINISHED")
+    prune_checkpoints(result, storage, name)
     print(
         f"[train] done: {label}  val top-1 err {final.get('val_top1_err', float('nan')):.2f}%  "
         f"checkpoint {result.checkpoint.path}",
         flush=True,
     )
     return FitResult(name, run_id, final, str(local_dir / CHECKPOINT_FILE), cfg)
+
+
+def trainer(cfg: TrainConfig, storage: str, name: str, loop_config: dict) -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer of one run, from Ray's public configuration only."""
+    from .cluster import forwarded_env, storage_for_ray
+
+    storage_path, fs = storage_for_ray(storage)
+    sc = cfg.scaling
+    # A node that is gone and a fixed world size: Ray Train retries the worker group's start every
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s); without a limit it would retry until the node came
+    # back. Wait at most checkpoint.node_wait_s. (An elastic run goes on with the workers left.)
+    start_timeout = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+    controller_retries = max(1, math.ceil(cfg.checkpoint.node_wait_s / start_timeout))
+    callbacks = [FailFast()]
+    if _in_tune_session():  # per-epoch metrics to Tune (for schedulers such as ASHA)
+        callbacks.append(epoch_reports_to_tune())
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=tuple(sc.num_workers) if isinstance(sc.num_workers, list) else sc.num_workers,
+            elastic_resize_monitor_interval_s=sc.resize_interval_s,
+            use_gpu=sc.use_gpu,
+            resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,  # deterministic: re-running the same command resumes from the last checkpoint
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures,
+                                         controller_failure_limit=controller_retries,
+                                         max_preemption_failures=cfg.checkpoint.max_preemptions),
+            checkpoint_config=CheckpointConfig(  # the latest is always kept
+                num_to_keep=cfg.checkpoint.keep_best,
+                checkpoint_score_attribute="retention_score",  # see worker.checkpoint_report
+                checkpoint_score_order="min",
+            ),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our per-epoch line is the progress
+            # Never a secret here: see cluster.FORWARDED_ENV. Ray's print patch off: our lines reach the
+            # console once (with it, each went to stdout and through its logger to stderr).
+            worker_runtime_env={"env_vars": {**forwarded_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            callbacks=callbacks,
+        ),
+    )
+
+
+def _train(cfg: TrainConfig, storage: str, name: str, label: str, loop_config: dict):
+    """`trainer(...).fit()`, again from the last committed checkpoint after a controller error that a
+    retry can fix (an S3 error while Ray's controller deleted an old checkpoint or wrote its snapshot),
+    at most checkpoint.max_failures times. Worker failures are retried by Ray itself; errors that a
+    retry cannot fix (`controller.FailFast`) and lost nodes (checkpoint.node_wait_s) are not retried."""
+    from .preflight import is_deterministic
+
+    for attempt in range(cfg.checkpoint.max_failures + 1):
+        try:
+            return trainer(cfg, storage, name, loop_config).fit()
+        except ray.train.TrainingFailedError as e:
+            err = e
+        cause = getattr(err, "controller_failure", None)
+        retry = (isinstance(err, ray.train.ControllerError) and not is_deterministic(cause)
+                 and type(cause).__name__ not in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"))
+        if not retry or attempt == cfg.checkpoint.max_failures:
+            raise err
+        say(f"[{label}] the run's controller failed ({root_cause(err)}); resuming from the last checkpoint")
+    raise AssertionError("unreachable")
+
+
+def prune_checkpoints(result, storage: str, name: str) -> None:
+    """After a run finished: delete the checkpoint folders Ray's retention left behind (a deletion that
+    failed). A finished run is never resumed, so nothing here can break a resume; a failure is a warning."""
+    import pyarrow.fs
+
+    from .cluster import storage_for_ray
+
+    keep = {str(result.checkpoint.path).rstrip("/")} | {str(c.path).rstrip("/") for c, _ in result.best_checkpoints or []}
+    storage_path, fs = storage_for_ray(storage)
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    run_dir = f"{storage_path.rstrip('/')}/{name}"
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(run_dir))
+        stale = [i.path for i in found if i.type == pyarrow.fs.FileType.Directory
+                 and i.base_name.startswith(("epoch_", "step_")) and i.path.rstrip("/") not in keep]
+        for path in stale:
+            fs.delete_dir(path)
+    except Exception as e:  # noqa: BLE001 - housekeeping
+        say(f"[checkpoint] warning: could not prune old checkpoints under {run_dir} ({str(e).splitlines()[0]}); they stay")
 
 
 def _in_tune_session() -> bool:

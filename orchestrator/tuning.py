@@ -42,10 +42,10 @@ class Trial:
 def max_concurrent(trials: list[Trial]) -> int:
     """How many trials fit side by side on the cluster, from each trial's scaling config."""
     have = ray.cluster_resources()
-    per = max(t.config.scaling.num_workers * t.config.scaling.cpus_per_worker for t in trials)
+    per = max(t.config.scaling.max_workers * t.config.scaling.cpus_per_worker for t in trials)
     n = math.floor(have.get("CPU", 0.0) / (per + DRIVER_CPU) + 1e-9)
     if any(t.config.scaling.use_gpu for t in trials):
-        gpus = max(t.config.scaling.num_workers for t in trials if t.config.scaling.use_gpu)
+        gpus = max(t.config.scaling.max_workers for t in trials if t.config.scaling.use_gpu)
         n = min(n, math.floor(have.get("GPU", 0.0) / gpus))
     return max(1, min(n, len(trials)))
 
@@ -82,7 +82,7 @@ def run_trials(
     if len(set(names)) != len(names):
         raise ValueError("two trials have identical configs (give repeats different seeds)")
     for t in trials:  # fail fast: a trial that can never be scheduled would wait forever
-        check_fits(t.config.scaling.num_workers, t.config.scaling.cpus_per_worker, t.config.scaling.use_gpu,
+        check_fits(t.config.scaling.min_workers, t.config.scaling.cpus_per_worker, t.config.scaling.use_gpu,
                    f"trial {t.label!r}")
     concurrent = max_concurrent(trials)
     print(f"[tune] study {study}: {len(trials)} trials, up to {concurrent} at a time", flush=True)

@@ -1,5 +1,10 @@
 """Training on a real local Ray cluster, with a real MLflow store and a real S3 endpoint on loopback."""
 
+import os
+import shutil
+import threading
+import time
+
 import boto3
 import mlflow
 import pytest
@@ -86,22 +91,68 @@ def test_a_request_the_cluster_cannot_hold_fails_fast(ray_local, digits_url, tmp
         fit(gpu, str(tmp_path))
 
 
-def test_a_failure_to_delete_an_old_checkpoint_is_a_warning_not_a_failed_run(capsys):
-    """Ray Train's checkpoint manager deletes through `_tolerant_delete` (train.py): a transient S3
-    error there must not fail a run whose training finished."""
-    from ray.train.v2._internal.execution.checkpoint import checkpoint_manager
+def _tiny(digits_url: str, name: str, *extra: str):
+    """Two epochs of ResNet-8 on the digits, 2 workers, a checkpoint every 5 of the 19 steps of an epoch."""
+    return load_train_config("digits_resnet20.yaml", [
+        f"data.url={digits_url}", "model.name=resnet8", "schedule.epochs=2", "schedule.milestones=[1]",
+        "checkpoint.every_steps=5", "checkpoint.keep_best=1", f"tracking.run_name={name}", "tracking.experiment=exact",
+        "tracking.log_model=false", *extra])
 
-    class Failing:
-        def delete_dir(self, path):
-            raise OSError("When listing objects under key 'runs/x/epoch_0001': AWS Error INTERNAL_FAILURE (500)")
 
-        def get_file_info(self, path):
-            raise OSError("AWS Error INTERNAL_FAILURE (500)")
+def _final_weights(result) -> dict:
+    return torch.load(result.checkpoint_path, weights_only=True)["model"]
 
-    import orchestrator.train  # noqa: F401 - installs the wrapper, as in Ray Train's controller
 
-    checkpoint_manager.delete_fs_path(fs=Failing(), fs_path="bucket/runs/x/epoch_0001")
-    assert "could not delete the old checkpoint bucket/runs/x/epoch_0001" in capsys.readouterr().out
+def test_a_run_killed_between_two_step_checkpoints_resumes_bit_for_bit(tmp_path, monkeypatch, ray_local, digits_url, capsys):
+    """SIGKILL of a worker at iteration 23, after the checkpoint of iteration 20 and before that of 25:
+    Ray restarts the worker group, the run resumes at iteration 20 (mid-epoch) and ends with the very
+    weights of an uninterrupted run (CPU, same world size)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    plain = fit(_tiny(digits_url, "plain"), str(tmp_path / "runs"))
+    marker = tmp_path / "killed"
+    killed = fit(_tiny(digits_url, "killed", "debug.kill_worker_at_step=23", f"debug.kill_marker={marker}"),
+                 str(tmp_path / "runs"))
+    out = capsys.readouterr().out
+    assert marker.exists(), "the worker was killed"
+    assert "resume from epoch 2 step 1 (iteration 20)" in out, out[-3000:]
+    a, b = _final_weights(plain), _final_weights(killed)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == [], different
+    assert killed.metrics["train_loss"] == plain.metrics["train_loss"], "the epoch's sums survive the restart"
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert sorted(m.value for m in client.get_metric_history(killed.run_id, "epoch")) == [0.0, 1.0]
+    steps = [m.step for m in client.get_metric_history(killed.run_id, "step_train_loss")]
+    assert steps and len(steps) == len(set(steps)), "each step metric logged once"
+
+
+def test_a_checkpoint_ray_cannot_delete_does_not_fail_the_run(tmp_path, monkeypatch, ray_local, digits_url, capsys):
+    """Ray's checkpoint manager fails its controller when an old checkpoint it deletes is already gone
+    (FileNotFoundError) or S3 answers 500: the driver resumes the run from the last checkpoint instead."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    runs = tmp_path / "runs"
+    snapshot = runs / "deleted" / "checkpoint_manager_snapshot.json"
+    removed = []
+
+    def remove_the_first_step_checkpoint():  # once Ray committed it, and before the next one replaces it
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not removed:
+            if snapshot.exists() and "step_00000005" in snapshot.read_text(errors="replace"):
+                shutil.rmtree(runs / "deleted" / "step_00000005")
+                removed.append(True)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=remove_the_first_step_checkpoint, daemon=True)
+    thread.start()
+    result = fit(_tiny(digits_url, "deleted"), str(runs))
+    thread.join(timeout=5)
+    out = capsys.readouterr().out
+    assert removed
+    assert "the run's controller failed" in out and "resuming from the last checkpoint" in out, out[-3000:]
+    run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    left = sorted(p.name for p in (runs / "deleted").iterdir() if p.name.startswith(("epoch_", "step_")))
+    assert left == ["epoch_0001"], left  # the latest is kept; what Ray's retention left behind is pruned
 
 
 def test_checkpoints_carry_a_checksum_that_is_checked_on_load(tmp_path):
