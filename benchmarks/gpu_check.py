@@ -116,7 +116,7 @@ class Sizes:
     e2e_steps: int = 12
     eval_batch: int = 32
     eval_ms_batch: int = 8  # multi-scale: 5 scales x 2 flips of the whole image per sample
-    eval_procs: int = 4
+    eval_procs: int = 8  # imagenet_v1.yaml's data.num_workers
     converge_overrides: tuple = ()
     converge_seeds: tuple = (0, 1)  # a second run only when the first misses the target
     converge_target: float = DEMO_RESNET20_VAL_ERR
@@ -723,6 +723,9 @@ def part_ddp(part: Part) -> None:
     from orchestrator.step import StepOptions, build_model, make_optimizer, to_device, train_step
 
     backend = "nccl" if part.cuda else "gloo"
+    # One rank on one machine: NCCL's bootstrap needs no network, and a machine with none but loopback
+    # would otherwise find no interface to use.
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -800,6 +803,10 @@ def environment(device) -> dict:
 def child_main(args) -> int:
     """Run `args.parts` in order; stop at the first that fails (a CUDA error can poison the process),
     so the parent goes on in a fresh one."""
+    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the parent, however it ends
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -886,33 +893,58 @@ def run_parts(args, sizes: Sizes, out: Path, work: Path) -> dict:
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "budget_s": deadline - started,
         "sizes": asdict(sizes), "selected": parts, "env": {}, "parts": {},
     }
-    events = work / "events.jsonl"
     pending = list(parts)
-    offset = 0
-    while pending:
-        if time.time() > deadline - 2:
-            for p in pending:
-                report["parts"][p] = {"ok": False, "seconds": 0, "error": "not run: the check's time budget was spent", "results": []}
-                print(f"[{p}] FAILED: not run: the check's time budget was spent", flush=True)
-            break
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--parts", ",".join(pending), "--events", str(events),
-               "--work", str(work), "--deadline", repr(deadline)] + (["--cpu"] if args.cpu else [])
-        cmd += [f"--limit={k}={v}" for k, v in args.limit.items()] + [f"--drill={k}={v}" for k, v in args.drill.items()]
-        # Its own process group: a kill takes its loader and compile processes too. Its stderr passes
-        # through, and its last lines go into the report when it dies.
-        child = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE, text=True, errors="replace")
+    events = Events(work / "events.jsonl")
+
+    def fail(names: list[str], why: str) -> None:
+        for name in names:
+            report["parts"][name] = {"ok": False, "seconds": 0, "error": why, "results": []}
+            print(f"[{name}] FAILED: {why}", flush=True)
+
+    try:
+        while pending:
+            if time.time() > deadline - 2:
+                fail(pending, "not run: the check's time budget was spent")
+                break
+            if not run_child(args, report, pending, events, work, deadline, out):
+                break
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into this): the children are gone already
+        fail([p for p in pending if p not in report["parts"] or report["parts"][p]["ok"] is None], "interrupted")
+    report["seconds"] = round(time.time() - started, 1)
+    write_report(report, out)
+    return report
+
+
+class Events:
+    """The child's events file, read as it grows."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def new(self) -> list[dict]:
+        text = self.path.read_text()[self.offset :] if self.path.exists() else ""
+        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next look
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines()]
+
+
+def run_child(args, report: dict, pending: list[str], events: Events, work: Path, deadline: float, out: Path) -> bool:
+    """One child process for the `pending` parts, watched: a part over its limit is killed with all its
+    processes, a process that dies fails its part. False when no child could do better (it never started)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--parts", ",".join(pending), "--events", str(events.path),
+           "--work", str(work), "--deadline", repr(deadline)] + (["--cpu"] if args.cpu else [])
+    cmd += [f"--limit={k}={v}" for k, v in args.limit.items()] + [f"--drill={k}={v}" for k, v in args.drill.items()]
+    # Its own process group, so that a kill takes its loader and compile processes too. Its stderr passes
+    # through, and its last lines go into the report when it dies.
+    child = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE, text=True, errors="replace")
+    try:
         stderr_tail: collections.deque = collections.deque(maxlen=8)
         forward = threading.Thread(target=forward_lines, args=(child.stderr, stderr_tail), daemon=True)
         forward.start()
-        current, part_start, limit = None, 0.0, 0.0
-        killed, ran = None, 0
+        current, part_start, limit, killed, ran = None, 0.0, 0.0, None, 0
         while True:
             done = child.poll() is not None
-            text = events.read_text()[offset:] if events.exists() else ""
-            complete = text[: text.rfind("\n") + 1]
-            offset += len(complete)
-            for line in complete.splitlines():
-                e = json.loads(line)
+            for e in events.new():
                 if e["event"] == "env":
                     report["env"] = report["env"] or e["env"]
                 elif e["event"] == "start":
@@ -927,31 +959,29 @@ def run_parts(args, sizes: Sizes, out: Path, work: Path) -> dict:
                     write_report(report, out)
             if done:
                 break
-            if current and time.time() - part_start > limit + 10:  # the part's own checks come first
+            if current and time.time() - part_start > limit + min(10.0, 1.0 + limit / 10):  # its own checks come first
                 killed = f"killed after {time.time() - part_start:.0f} s: over its {limit:.0f} s limit"
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
                 break
             time.sleep(0.2)
-        forward.join(timeout=5)
-        last = " | ".join(line.strip() for line in stderr_tail if line.strip())[-600:]
-        if current:  # it never reported its end: over its limit, or the process died
-            why = killed or f"the process died (exit code {child.returncode}): {last}"
-            report["parts"][current].update(ok=False, seconds=round(time.time() - part_start, 1), error=why)
-            print(f"[{current}] FAILED: {why}", flush=True)
-            pending.remove(current)
-            write_report(report, out)
-        elif ran == 0 and pending:
-            for p in pending:  # it died before its first part (an import error): no child would do better
-                why = f"the check could not start (exit code {child.returncode}): {last}"
-                report["parts"][p] = {"ok": False, "seconds": 0, "error": why, "results": []}
-                print(f"[{p}] FAILED: {why}", flush=True)
-            break
+    finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)  # nothing of a child outlives it (loader or compile processes)
-    report["seconds"] = round(time.time() - started, 1)
-    write_report(report, out)
-    return report
+        child.wait()
+    forward.join(timeout=5)
+    last = " | ".join(line.strip() for line in stderr_tail if line.strip())[-600:]
+    if current:  # it never reported its end: over its limit, or the process died
+        why = killed or f"the process died (exit code {child.returncode}): {last}"
+        report["parts"][current].update(ok=False, seconds=round(time.time() - part_start, 1), error=why)
+        print(f"[{current}] FAILED: {why}", flush=True)
+        pending.remove(current)
+        write_report(report, out)
+    elif ran == 0 and pending:  # it died before its first part (an import error): no child would do better
+        why = f"the check could not start (exit code {child.returncode}): {last}"
+        for name in pending:
+            report["parts"][name] = {"ok": False, "seconds": 0, "error": why, "results": []}
+            print(f"[{name}] FAILED: {why}", flush=True)
+        return False
+    return True
 
 
 def forward_lines(stream, tail) -> None:
@@ -1033,6 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"\n{probe.stderr.strip()}" if probe.returncode else ""), file=sys.stderr)
             return 2
     sizes = CPU if args.cpu else GPU
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill from outside stops the children first
     out = Path(args.out or os.environ.get("OUT") or ROOT / "runs" / "gpu_check")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check-"))
