@@ -178,6 +178,7 @@ class Part:
         self.name, self.sizes, self.device, self.work, self.events = name, sizes, device, work, events
         self.deadline = deadline
         self.cuda = device.type == "cuda"
+        self.results: list[dict] = []
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -191,6 +192,7 @@ class Part:
 
     def result(self, name: str, line: str, **numbers) -> None:
         self.say(line)
+        self.results.append({"name": name, **numbers})
         emit(self.events, "result", self.name, name=name, line=f"[{self.name}] {line}", **numbers)
 
     def earlier(self, part: str, name: str) -> dict | None:
@@ -422,7 +424,6 @@ class Stepper:
                 seen += len(labels)
             self.part.sync()
             rates.append(seen / (time.perf_counter() - t0))
-        finite(float(self.loss), "the training loss")
         return statistics.median(rates), first
 
 
@@ -450,11 +451,13 @@ def measure_net(part: Part, cfg, num_classes: int, peak: float, compile_backend:
     precision = "bf16" if step.options.bf16 else "fp32"
     layout = "channels_last" if step.options.channels_last else "NCHW"
     kind = f"compiled ({compile_backend})" if compile_backend else "eager"
+    loss = float(step.loss) / step.d["per_worker_batch"]  # the last step's mean loss: bf16 must still give a number
     out = dict(net=cfg.model.name, px=cfg.data.size, batch=step.d["per_worker_batch"], precision=precision, layout=layout,
                compiled=bool(compile_backend), img_s=img_s, tflops=tflops, mfu=tflops / peak, gmacs=fpi / 6e9,
-               first_step_s=first)
+               first_step_s=first, loss=loss)
     line = (f"{cfg.model.name:<9} {cfg.data.size:>3} px  batch {out['batch']:<3}  {precision} {layout:<13} {kind:<10} "
-            f"{img_s:9.1f} img/s  {tflops:7.2f} TFLOP/s  MFU {100 * out['mfu']:5.1f} %  (first step {first:.1f} s)")
+            f"{img_s:9.1f} img/s  {tflops:7.2f} TFLOP/s  MFU {100 * out['mfu']:5.1f} %  (first step {first:.1f} s)"
+            + ("" if math.isfinite(loss) else f"  LOSS {loss}"))
     del step
     if part.cuda:
         torch.cuda.empty_cache()
@@ -471,12 +474,13 @@ def part_model(part: Part) -> None:
                 tflops=peak, dtype=dtype, n=s.matmul_n)
     if part.cuda:
         torch.backends.cudnn.benchmark = True  # as the worker sets it
-    for name in s.imagenet_nets:
-        r = measure_net(part, imagenet_cfg(part, name), IMAGENET_CLASSES, peak)
+    for name, cfg, classes in [*((n, imagenet_cfg(part, n), IMAGENET_CLASSES) for n in s.imagenet_nets),
+                               *((n, cifar_cfg(part, n), 10) for n in s.cifar_nets)]:
+        r = measure_net(part, cfg, classes, peak)
         part.result(name, r.pop("line"), **r)
-    for name in s.cifar_nets:
-        r = measure_net(part, cifar_cfg(part, name), 10, peak)
-        part.result(name, r.pop("line"), **r)
+    diverged = [r["name"] for r in part.results if "loss" in r and not math.isfinite(r["loss"])]
+    if diverged:  # after every net has its numbers
+        raise PartFailed(f"the training loss is not finite for {diverged}")
 
 
 def part_compile(part: Part) -> None:
@@ -495,6 +499,9 @@ def part_compile(part: Part) -> None:
         r["vs_eager"] = r["img_s"] / eager["img_s"] if eager else None
         line = r.pop("line") + (f"  {r['vs_eager']:.2f}x eager" if eager else "")
         part.result(name, line, compile_s=r["first_step_s"], **r)
+    diverged = [r["name"] for r in part.results if "loss" in r and not math.isfinite(r["loss"])]
+    if diverged:
+        raise PartFailed(f"the training loss is not finite for {diverged}")
 
 
 # ---------------------------------------------------------------------------------------------

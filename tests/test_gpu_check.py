@@ -94,7 +94,7 @@ def test_cpu_check_passes_where_ray_and_mlflow_are_missing(device_env, tmp_path)
     assert sane(got["model", "matmul_peak"]["tflops"])
     for net in (*sizes.imagenet_nets, *sizes.cifar_nets):
         r = got["model", net]
-        assert all(sane(r[k]) for k in ("img_s", "tflops", "mfu", "gmacs")), r
+        assert all(sane(r[k]) for k in ("img_s", "tflops", "mfu", "gmacs", "loss")), r
         assert r["precision"] == "fp32" and r["compiled"] is False  # the CPU fallbacks of bf16 autocast
     for decode_on in ("gpu", "cpu"):
         for procs in sizes.loader_procs:
