@@ -360,6 +360,10 @@ def checkpoint_report(run: Run, kind: str, metrics: dict | None = None) -> None:
     rank calls it). Rank 0 writes the one copy of the state; Ray uploads it, in the background except
     when a node is about to go or the run ends."""
     p = run.progress
+    # At most one checkpoint in flight: Ray's controller registers one report per poll (2 s), so
+    # checkpoints taken faster than that would queue up behind uploads and a failure would resume from
+    # far back. Waiting for the previous one costs nothing when checkpoints are minutes apart.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
     loss, correct, seen = all_reduce_sum([float(run.sums[0]), float(run.sums[1]), float(run.sums[2])], run.device)
     if run.rank == 0:
         p.partial.update(loss=p.partial["loss"] + loss, correct=p.partial["correct"] + correct, seen=p.partial["seen"] + seen)
