@@ -10,21 +10,15 @@
 Modules: ``sources`` (digits, CIFAR, image folders, synthetic), ``format`` (tar + manifest), ``writer``
 (``write_shards``, ``index_shards``), ``shards`` (the CLI), ``storage`` (local + S3 byte I/O, retries,
 ``s3_compat_env``), ``order`` (which samples each step trains on: ``TrainPlan``, ``step_samples``,
-``sample_seed``; evaluation's ``plan_eval``), ``loader`` (``make_loader``), ``transforms`` (per image, and
+``sample_seed``; evaluation's ``plan_eval``), ``reading`` (a shard's samples, checked against the
+manifest), ``loader`` (``make_loader``), ``transforms`` (per image, and
 ``make_batch_transform`` for decoding on the GPU).
 """
 
 from pipelines.format import read_manifest
-from pipelines.loader import (
-    DataError,
-    Encoded,
-    ErrorReport,
-    ManifestMismatchError,
-    SeededImages,
-    ShardLoader,
-    make_loader,
-)
+from pipelines.loader import Encoded, SeededImages, ShardLoader, make_loader
 from pipelines.order import TrainPlan, plan_eval, sample_seed, step_samples
+from pipelines.reading import DataError, ErrorReport, ManifestMismatchError
 from pipelines.sources import parse_source
 from pipelines.storage import StorageError, make_s3_client, s3_compat_env
 from pipelines.transforms import make_batch_transform, make_transform

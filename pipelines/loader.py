@@ -36,8 +36,9 @@ memory per stream, and yields one part per step, possibly empty. PyTorch hands o
 ``IterableDataset``'s workers round-robin and in order, so the rank's main process takes ``n`` items
 per step and concatenates them: reader ranges are contiguous and ascending, so that is the canonical order.
 
-* Open shards per loader process: one per stream it reads, ``ceil(S / (W * n)) + 1`` at most
-  (S = 64 streams by default): with S3, one connection each (the default client's pool is sized for them).
+* Open shards per loader process: one per stream it reads, about ``S / (W * n)`` plus one (S = 64
+  streams by default: 32 at W=1, n=2; 4 at W=8, n=2): with S3, one connection each (the default
+  client's pool is sized for them).
 * Memory per rank: the encoded samples of one block per stream, about ``shuffle_buffer / W`` samples
   (110 MB at ImageNet's 110 kB per JPEG, W=1, shuffle_buffer 1000), ``prefetch_factor`` decoded steps
   per loader process, and a 1 MiB read buffer per open shard.
@@ -51,7 +52,7 @@ all ranks (``order.plan_eval``); a rank's batches are full except its last; ``le
 goes to the main process, which merges them. The loader checks it yielded exactly the samples planned.
 ``decode=False`` yields plain lists of encoded images.
 
-Integrity. A shard is checked against its manifest entry as it streams: its size when opened (under
+Integrity (``pipelines.reading``). A shard is checked against its manifest entry as it streams: its size when opened (under
 "skip"; under "raise" the count check below names what differs), and its sample count and sha256 by
 the reader whose range reaches its end (that reader read it from byte 0 anyway), or whose range ends
 where the drop-last tail cuts it. Every sample used must decode and carry a label in range. By default
@@ -68,29 +69,28 @@ by the readers that read a shard to its end.
 The tar iteration is the ``webdataset`` library's (``pipelines.format.iter_tar``); its pipeline
 stages (``split_by_node``, ``shuffle``, ``batched``) are not used: they cannot promise equal step counts
 per rank, a world-size-free order, or exactly-once evaluation.
+
+Layout: the plan is ``pipelines.order``, shard reading and checking ``pipelines.reading``; this module
+keeps the two datasets (``TrainStream``, ``EvalStream``) beside ``ShardLoader``, whose two iteration
+paths take exactly what they yield (one part per step; full and partial batches). About 540 lines of code.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
-import os
-import tarfile
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from torch.utils.data import DataLoader, get_worker_info
 
 from pipelines import storage
-from pipelines.format import HashingReader, error_text, iter_tar, read_label, read_manifest
+from pipelines.format import read_manifest
 from pipelines.order import (
     DEFAULT_STREAMS,
     SPLIT_MODES,
@@ -100,41 +100,16 @@ from pipelines.order import (
     plan_eval,
     rank_range,
     sample_seeds,
-    with_offsets,
+)
+from pipelines.reading import (
+    DataError,
+    ErrorReport,
+    Lost,
+    ShardSource,
+    check_shards_exist,
 )
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 ON_ERROR = ("raise", "skip")
-
-
-class DataError(RuntimeError):
-    """A sample or shard that cannot be used (corrupt image, bad label, truncated tar)."""
-
-
-class ManifestMismatchError(RuntimeError):
-    """A shard that is missing or disagrees with the manifest (checksum, sample count)."""
-
-
-@dataclass
-class ErrorReport:
-    """A skipped sample (``key``) or a problem with a shard (``key`` None); ``samples``: how many of
-    this rank's samples it cost."""
-
-    shard: str
-    key: str | None
-    reason: str
-    samples: int = 1
-
-    def __str__(self) -> str:
-        return f"{self.shard}: sample {self.key!r}: {self.reason}" if self.key is not None else f"{self.shard}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class _Lost:
-    """A planned sample that could not be read; counted by the reader whose step needs it."""
-
-    shard: str
-    reason: str
 
 
 class SeededImages(list):
@@ -174,6 +149,10 @@ def _stack(items: list) -> Any:
     if isinstance(items[0], tuple):
         return tuple(torch.stack(list(col)) for col in zip(*items, strict=True))
     return torch.stack(items)
+
+
+def _collate(images: list, decode: bool) -> Any:
+    return _stack(images) if decode else Encoded.pack(images)
 
 
 def _cat(parts: list) -> Any:
@@ -231,189 +210,6 @@ class _Part:
         return self
 
 
-class _Tee:
-    """Copy a stream into a cache temp file while it is read; ``publish`` renames it into place."""
-
-    def __init__(self, stream: Any, final_path: str):
-        self.stream = stream
-        self.final_path = final_path
-        fd, self.tmp_path = tempfile.mkstemp(dir=os.path.dirname(final_path), prefix=os.path.basename(final_path) + ".", suffix=".part")
-        self.file = os.fdopen(fd, "wb")
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        self.file.write(data)
-        return data
-
-    def close(self) -> None:
-        self.stream.close()
-        if not self.file.closed:
-            self.file.close()
-        if os.path.exists(self.tmp_path):
-            os.remove(self.tmp_path)
-
-    def publish(self) -> None:
-        self.file.close()
-        os.replace(self.tmp_path, self.final_path)
-
-
-# -- reading shards (both kinds of loader) --------------------------------------------------------
-
-
-class _ShardSource(IterableDataset):
-    """Reads shards and decodes samples, checking them against the manifest (module docstring)."""
-
-    def __init__(self, manifest: dict, split: str, *, transform: Callable | None, decode: bool, cache_dir: str | None,
-                 on_error: str, client_factory: Callable[[], Any], rank: int, world_size: int, num_workers: int,
-                 epoch: int, seed: int):
-        self.split = split
-        self.shards = with_offsets(manifest["splits"][split]["shards"])
-        self.num_classes = manifest["num_classes"]
-        self.label_key = manifest.get("label_key", "cls")
-        self.transform, self.decode = transform, decode
-        self.cache_dir, self.on_error, self.client_factory = cache_dir, on_error, client_factory
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.epoch, self.seed = epoch, seed
-        self._client = None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_client"] = None  # boto3 clients do not cross processes; each worker makes its own
-        return state
-
-    def _client_for(self, url: str) -> Any:
-        if not storage.is_s3(url):
-            return None
-        if self._client is None:
-            self._client = self.client_factory()
-        return self._client
-
-    def _open(self, shard: dict, tee: bool) -> tuple[Any, str | None, int | None]:
-        """(stream over the shard, cache path to fill or None, its size in bytes if known); from the
-        cache when there. A shard that cannot be opened is a ``ManifestMismatchError`` naming it."""
-        url = shard["url"]
-        try:
-            if self.cache_dir and storage.is_s3(url):
-                cached = os.path.join(self.cache_dir, shard["sha256"] + ".tar")
-                if os.path.exists(cached):
-                    f = open(cached, "rb")
-                    return f, None, os.fstat(f.fileno()).st_size
-                os.makedirs(self.cache_dir, exist_ok=True)
-                stream = storage.open_stream(url, self._client_for(url))
-                return stream, cached if tee else None, stream.size
-            stream = storage.open_stream(url, self._client_for(url))
-        except storage.StorageError as err:
-            raise ManifestMismatchError(f"{url}: shard listed in the manifest cannot be read ({err})") from err
-        nbytes = os.fstat(stream.fileno()).st_size if hasattr(stream, "fileno") else stream.size
-        return stream, None, nbytes
-
-    def _report(self, shard: str, key: str | None, reason: str, samples: int = 1, *, shard_level: bool = False) -> ErrorReport:
-        report = ErrorReport(shard, key, reason, samples)
-        if self.on_error == "raise":
-            raise (ManifestMismatchError if shard_level else DataError)(str(report))
-        return report
-
-    def _lose(self, url: str, reason: str, count: int) -> Iterator[ErrorReport | _Lost]:
-        """Under "raise": the error. Under "skip": the report (counting nothing yet) and a ``_Lost`` for
-        each of ``count`` planned samples."""
-        yield self._report(url, None, reason, 0, shard_level=True)
-        lost = _Lost(url, reason)
-        for _ in range(count):
-            yield lost
-
-    def read_shard(self, shard: dict, lo: int = 0, hi: int | None = None, *, mask: np.ndarray | None = None,
-                   verify: bool = True) -> Iterator[tuple[str, int, str, dict] | ErrorReport | _Lost]:
-        """Samples ``lo .. hi-1`` of ``shard`` (those with ``mask[i]`` when a mask is given) as
-        ``(url, index in split, key, fields)``, read from the shard's first byte. ``verify``: read on to
-        its end and check sample count, size and sha256. Under "skip" each planned sample that cannot be
-        read is a ``_Lost`` (one per position, so a training reader stays aligned) and each problem an
-        ``ErrorReport``; under "raise" a problem raises, naming the shard."""
-        url, expected = shard["url"], shard["num_samples"]
-        hi = expected if hi is None else hi
-        try:
-            stream, cache_path, nbytes = self._open(shard, tee=verify)
-        except ManifestMismatchError as err:
-            if self.on_error == "raise":
-                raise
-            yield from self._lose(url, f"{err}; whole shard skipped", hi - lo)
-            return
-        if nbytes is not None and nbytes != shard["bytes"] and self.on_error == "skip":
-            stream.close()
-            yield from self._lose(url, f"{nbytes} bytes, the manifest says {shard['bytes']}; whole shard skipped", hi - lo)
-            return
-        tee = _Tee(stream, cache_path) if cache_path else stream
-        reader = HashingReader(tee) if verify else tee  # a partial read is not checked: no hashing
-        count = 0
-        key = None
-        try:
-            try:
-                for key, fields in iter_tar(reader):
-                    if count == expected:  # more samples than the manifest says
-                        count += 1
-                        break
-                    if lo <= count < hi and (mask is None or mask[count]):
-                        yield url, shard["offset"] + count, key, fields
-                    count += 1
-                    if count == hi and not verify:
-                        return
-            except (tarfile.TarError, EOFError, ValueError, storage.StorageError) as err:
-                after = f"after sample {key!r}" if key is not None else "at its start"
-                reason = f"truncated or corrupt tar {after} ({error_text(err)}); rest of shard lost"
-                yield from self._lose(url, reason, max(0, hi - max(count, lo)))
-                return
-            if not verify:  # the tar ended before sample ``hi``
-                reason = f"shard disagrees with the manifest: it ends after {count} samples (manifest: {expected} samples); rewrite the dataset"
-                yield from self._lose(url, reason, hi - max(count, lo))
-                return
-            reader.drain()
-            sha = reader.sha.hexdigest()
-            if count != expected or reader.nbytes != shard["bytes"] or sha != shard["sha256"]:
-                reason = (
-                    f"shard disagrees with the manifest: {count} samples, {reader.nbytes} bytes, sha256 {sha[:12]}... "
-                    f"(manifest: {expected} samples, {shard['bytes']} bytes, sha256 {shard['sha256'][:12]}...)"
-                    f"{'; its samples that decoded were used' if self.on_error == 'skip' and count <= expected else ''}; rewrite the dataset"
-                )
-                yield from self._lose(url, reason, max(0, hi - max(count, lo)))
-                return
-            if cache_path:
-                tee.publish()
-        finally:
-            if cache_path:
-                tee.close()
-            else:
-                stream.close()
-
-    def _decode(self, url: str, key: str, fields: dict, seed: int | None = None) -> tuple[Any, int] | ErrorReport:
-        """(image, label) or the report of why not; ``seed``: torch's CPU generator is seeded with it
-        right before ``transform`` runs, so the sample's random augmentation is keyed by it."""
-        ext = next((e for e in IMAGE_FIELDS if e in fields), None)
-        if ext is None:
-            return self._report(url, key, f"no image field {list(IMAGE_FIELDS)} (has {sorted(fields)})")
-        label = read_label(fields, self.label_key)
-        if isinstance(label, str):
-            return self._report(url, key, label)
-        if not 0 <= label < self.num_classes:
-            return self._report(url, key, f"label {label} outside [0, {self.num_classes})")
-        if not self.decode:  # the bytes as stored, for a decoder downstream (on the GPU)
-            return torch.frombuffer(bytearray(fields[ext]), dtype=torch.uint8), label
-        try:
-            with warnings.catch_warnings():
-                # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency);
-                # they remain the fastest JPEG/PNG path here (libjpeg-turbo, no PIL round trip)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                image = decode_image(torch.frombuffer(bytearray(fields[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError) as err:
-            return self._report(url, key, f"corrupt {ext} image ({str(err).splitlines()[0][:120]})")
-        if self.transform is None:
-            return image, label
-        if seed is not None:
-            torch.default_generator.manual_seed(seed)
-        return self.transform(image), label
-
-    def _collate(self, images: list) -> Any:
-        return _stack(images) if self.decode else Encoded.pack(images)
-
-
 # -- training -------------------------------------------------------------------------------------
 
 
@@ -464,7 +260,7 @@ class _StreamReader:
         self.block, self.order = block, order
 
     def take(self, step: int) -> list[tuple[int, Any]]:
-        """(position in the global batch, sample or ``_Lost``) of this reader's rows of ``step``."""
+        """(position in the global batch, sample or ``Lost``) of this reader's rows of ``step``."""
         out = []
         for row in range(self.lo, self.hi):
             output = step * self.count + row
@@ -475,7 +271,7 @@ class _StreamReader:
         return out
 
 
-class TrainStream(_ShardSource):
+class TrainStream(ShardSource):
     """Runs in each loader process: one ``_Part`` per step, from ``start_step`` to the epoch's end."""
 
     def __init__(self, manifest: dict, split: str, *, global_batch_size: int, start_step: int, streams: int,
@@ -511,12 +307,12 @@ class TrainStream(_ShardSource):
             yield part
 
     def _part(self, step: int, taken: list[tuple[int, Any]], reports: list[ErrorReport]) -> _Part:
-        samples = [item for _, item in taken if not isinstance(item, _Lost)]
+        samples = [item for _, item in taken if not isinstance(item, Lost)]
         seeds = sample_seeds(self.seed, self.epoch, np.array([s[1] for s in samples], dtype=np.int64)).tolist()
-        lost = Counter((item.shard, item.reason) for _, item in taken if isinstance(item, _Lost))
+        lost = Counter((item.shard, item.reason) for _, item in taken if isinstance(item, Lost))
         images, labels, keys, kept = [], [], [], []
         for (url, _, key, fields), seed in zip(samples, seeds, strict=True):
-            decoded = self._decode(url, key, fields, seed)
+            decoded = self.decode_sample(url, key, fields, seed)
             if isinstance(decoded, ErrorReport):
                 reports.append(decoded)
                 continue
@@ -525,14 +321,14 @@ class TrainStream(_ShardSource):
             keys.append(key)
             kept.append(seed)
         reports += [ErrorReport(shard, None, reason, n) for (shard, reason), n in lost.items()]
-        return _Part(step, self._collate(images) if images else None, torch.tensor(labels, dtype=torch.int64), keys,
+        return _Part(step, _collate(images, self.decode) if images else None, torch.tensor(labels, dtype=torch.int64), keys,
                      torch.tensor(kept, dtype=torch.int64), reports)
 
 
 # -- evaluation -----------------------------------------------------------------------------------
 
 
-class EvalStream(_ShardSource):
+class EvalStream(ShardSource):
     """Runs in each loader process: its slot's samples, each once, in batches of ``batch_size``."""
 
     def __init__(self, manifest: dict, split: str, *, batch_size: int, split_by: str, **kwargs: Any):
@@ -556,15 +352,15 @@ class EvalStream(_ShardSource):
             if mask is not None and not mask.any():
                 continue
             for url, _, key, fields in self.read_shard(shard, mask=mask):  # "raise": no reports in evaluation
-                image, label = self._decode(url, key, fields)
+                image, label = self.decode_sample(url, key, fields)
                 images.append(image)
                 labels.append(label)
                 keys.append(key)
                 if len(images) == self.batch_size:
-                    yield _Batch(self._collate(images), torch.tensor(labels), keys, True)
+                    yield _Batch(_collate(images, self.decode), torch.tensor(labels), keys, True)
                     images, labels, keys = [], [], []
         if images:
-            yield _Batch(self._collate(images), torch.tensor(labels), keys, False)
+            yield _Batch(_collate(images, self.decode), torch.tensor(labels), keys, False)
 
 
 # -- the loader -----------------------------------------------------------------------------------
@@ -743,16 +539,6 @@ class ShardLoader:
         return self._out(_slice(images, 0, n), labels[:n], keys[:n])
 
 
-def _check_shards(shards: list[dict], client: Any | None) -> None:
-    """Every shard named by the manifest exists (one stat/HEAD each, in parallel)."""
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        sizes = list(pool.map(lambda s: storage.size(s["url"], client), shards))
-    missing = [s["url"] for s, n in zip(shards, sizes, strict=True) if n is None]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ManifestMismatchError(f"{missing[0]}{more}: shard listed in the manifest does not exist")
-
-
 def make_loader(
     url: str,
     split: str,
@@ -828,7 +614,7 @@ def make_loader(
     for shard, offset in zip(shards, np.cumsum([0] + [s["num_samples"] for s in shards])[:-1].tolist(), strict=True):
         shard["offset"] = offset  # in place: the manifest was read for this loader
     if check_shards:
-        _check_shards(shards, client)
+        check_shards_exist(shards, client)
     common = dict(transform=transform, decode=decode, cache_dir=cache_dir, client_factory=client_factory, rank=rank,
                   world_size=world_size, num_workers=num_workers, epoch=epoch, seed=seed)
     if not train:
