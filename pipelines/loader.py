@@ -160,7 +160,7 @@ def _join(tensors: list[torch.Tensor]) -> torch.Tensor:
     intra-op threads would spin for a copy this size (on a busy 2-core machine a third of an epoch's CPU)."""
     try:
         return torch.from_numpy(np.concatenate([t.numpy() for t in tensors]))
-    except TypeError:  # a dtype NumPy lacks (bfloat16)
+    except (TypeError, RuntimeError):  # a dtype NumPy lacks (bfloat16)
         return torch.cat(tensors)
 
 

@@ -27,7 +27,10 @@ reads every stream its range touches. Ranges are contiguous, so a stream is read
 except where a reader boundary falls inside a stream: at most ``W * n - 1`` streams are read by two.
 (Dealing positions ``i % W == r`` instead would make every stream read by up to ``W`` ranks whenever
 ``W`` does not divide ``S``.) Shards are read sequentially: a stream opens each shard of its segment
-once, from byte 0, so a shard cut by a segment boundary is opened by both streams (``TrainPlan.reads``).
+once, from byte 0, so a shard cut by a segment boundary is opened by both streams (``TrainPlan.reads``
+counts opens and samples parsed). An ImageNet-sized split (1,281 shards, G=256, S=64) opens 1,344
+shards per epoch (1.05 per shard) for W = 1, 2, 4 and 8, and 1,449 (n=2) or 1,722 (n=8) for W=3. A
+split of few shards (segments about one shard long) parses up to about twice its samples.
 
 Augmentation: ``sample_seed(seed, epoch, index)`` keys each sample's random draws by its index in
 the split (manifest order), so an augmented sample is the same for any ``W`` and ``n``.
@@ -112,12 +115,12 @@ def with_offsets(shards: list[dict]) -> list[dict]:
 
 @dataclass(frozen=True)
 class Piece:
-    """Rows ``[lo, hi)`` of stream ``stream``'s ``c_j`` rows per step: global-batch positions ``first + lo ..``."""
+    """Rows ``[lo, hi)`` of stream ``stream``'s ``c_j`` rows per step: global-batch positions
+    ``firsts[stream] + lo`` to ``firsts[stream] + hi``."""
 
     stream: int
     lo: int
     hi: int
-    position: int  # of row ``lo`` in the global batch
 
 
 class TrainPlan:
@@ -143,6 +146,7 @@ class TrainPlan:
         self.shards = with_offsets(shards)
         self.seed, self.epoch, self.global_batch_size = seed, epoch, global_batch_size
         sizes = np.array([s["num_samples"] for s in self.shards], dtype=np.int64)
+        self._offsets = np.array([s["offset"] for s in self.shards], dtype=np.int64)
         self.num_samples = int(sizes.sum())
         self.steps = self.num_samples // global_batch_size
         self.order = keyed_permutation(len(self.shards), _key("shards", seed, epoch))
@@ -189,8 +193,7 @@ class TrainPlan:
         """Split sample indices (manifest order) of ``U``-positions."""
         u = np.asarray(u, dtype=np.int64)
         k = np.searchsorted(self.starts, u, side="right") - 1
-        offsets = np.array([s["offset"] for s in self.shards], dtype=np.int64)
-        return offsets[self.order[k]] + (u - self.starts[k])
+        return self._offsets[self.order[k]] + (u - self.starts[k])
 
     # -- steps and readers ------------------------------------------------------------------------
 
@@ -203,7 +206,7 @@ class TrainPlan:
                 break
             a, b = max(lo - first, 0), min(hi - first, int(self.counts[j]))
             if a < b:
-                out.append(Piece(j, a, b, first + a))
+                out.append(Piece(j, a, b))
         return out
 
     def reader_range(self, rank: int, world_size: int, worker: int, workers: int) -> tuple[int, int]:
