@@ -2,7 +2,13 @@
 ``webdataset`` library's own pipeline; and time to the first batch as the shard count grows.
 
     .venv/bin/python benchmarks/bench_pipelines.py [--images 2000] [--workers 2] [--epochs 5]
-                                                   [--first-batch-shards 1000,10000,30000]
+                                                   [--first-batch-shards 1000,10000,30000] [--before main]
+    .venv/bin/python benchmarks/bench_pipelines.py --shard-reads
+
+``--before REF``: also read with the loader of git revision REF (``git show REF:pipelines/loader.py``
+into a temporary file, imported in this process), on the same data, turn about with today's.
+``--shard-reads``: no data; print how many times a training epoch opens each shard, from the plan
+(``pipelines.order.TrainPlan.reads``), for an ImageNet-sized split and for the digits.
 
 Writes synthetic JPEGs (64-128 px) to a temporary ImageFolder, shards the same files (bytes kept
 as they are) to a local folder and to a moto S3 server on 127.0.0.1, then reads each through the
@@ -23,12 +29,17 @@ reader in each round, after a warm-up. Goal: N=30,000 within
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +54,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines import make_loader, make_transform, read_manifest, storage, write_shards  # noqa: E402
+from pipelines import TrainPlan, make_loader, make_transform, read_manifest, storage, write_shards  # noqa: E402
 from pipelines.sources import synthetic_source  # noqa: E402
 
 # -- webdataset's own pipeline, with our decode and transform -------------------------------------
@@ -127,20 +138,63 @@ def write_image_folder(root: str, images: int, classes: int) -> None:
             f.write(data)
 
 
-def rates(readers: dict, epochs: int) -> dict[str, tuple[float, int]]:
-    """Best images/s of each reader over ``epochs`` full passes (worker start-up included).
+def loader_at(ref: str, folder: str):
+    """The ``pipelines.loader`` module of git revision ``ref``, imported from a file in ``folder``."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(folder, "loader_before.py")
+    with open(path, "w") as f:
+        f.write(subprocess.run(["git", "-C", repo, "show", f"{ref}:pipelines/loader.py"], check=True, capture_output=True, text=True).stdout)
+    spec = importlib.util.spec_from_file_location("loader_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["loader_before"] = module  # DataLoader workers are forked: they find it here
+    spec.loader.exec_module(module)
+    return module
+
+
+def shard_reads() -> None:
+    """Shard opens per training epoch, all ranks' loader processes together, from the plan alone."""
+    imagenet = [{"url": f"train-{i:06d}.tar", "num_samples": 1001 if i < 167 else 1000} for i in range(1281)]  # 1,281,167
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards("digits", tmp, splits=["train"], progress=False)
+        digits = read_manifest(tmp)["splits"]["train"]["shards"]
+    cases = [("ImageNet-sized", imagenet, 256, 5000, 8), ("ImageNet-sized", imagenet, 256, 1000, 2), ("digits", digits, 64, 1000, 1)]
+    print("shard opens per training epoch (all ranks and loader processes; 'parsed': samples read from tars / N)")
+    for name, shards, g, buffer, workers in cases:
+        plan = TrainPlan(shards, seed=0, epoch=0, global_batch_size=g, shuffle_buffer=buffer)
+        print(f"{name}: {len(shards)} shards, N={plan.num_samples:,}, G={g}, shuffle_buffer={buffer}: S={plan.streams} streams, "
+              f"blocks of {plan.block}, {plan.steps} steps; n={workers} loader processes per rank")
+        print(f"  {'W':>3s} {'opens':>7s} {'per shard':>9s} {'max':>4s} {'opened >1x':>10s} {'parsed':>7s}")
+        for world in (1, 2, 3, 4, 8):
+            opens, parsed = plan.reads(world, workers)
+            print(f"  {world:3d} {opens.sum():7d} {opens.mean():9.3f} {opens.max():4d} {(opens > 1).sum():10d} {parsed.sum() / plan.num_samples:6.3f}x")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (loader processes are joined at an epoch's end)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def rates(readers: dict, epochs: int) -> dict[str, tuple[float, int, float]]:
+    """Per reader over ``epochs`` full passes (worker start-up included): the best images/s, the
+    images per epoch, and the median images per CPU-second (this process and its loader processes;
+    on a machine shared with other work, the steadier measure of what a reader costs).
 
     The readers take turns epoch by epoch, so a burst of load from elsewhere on the machine hits
     them alike rather than one of them.
     """
-    best = {name: (0.0, 0) for name in readers}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in readers}
+    counts = {}
     for epoch in range(epochs):
         for name, make_iterable in readers.items():
             iterable = make_iterable(epoch)
-            start = time.perf_counter()
-            count = sum(len(labels) for _, labels in iterable)
-            best[name] = (max(best[name][0], count / (time.perf_counter() - start)), count)
-    return best
+            start, cpu = time.perf_counter(), cpu_seconds()
+            count = counts[name] = sum(len(labels) for _, labels in iterable)
+            wall = time.perf_counter() - start
+            del iterable
+            gc.collect()  # the loader processes exit and are joined, so their CPU time is counted
+            runs[name].append((count / wall, count / (cpu_seconds() - cpu)))
+    return {name: (max(r[0] for r in rs), counts[name], statistics.median(r[1] for r in rs)) for name, rs in runs.items()}
 
 
 def main() -> None:
@@ -153,7 +207,13 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--first-batch-shards", default="1000,10000,30000", help="shard counts for the time to first batch")
     parser.add_argument("--first-batch-repeats", type=int, default=3)
+    parser.add_argument("--before", default=None, metavar="REF", help="also read with the loader of git revision REF (e.g. main)")
+    parser.add_argument("--shard-reads", action="store_true", help="only print the shard opens per epoch from the plan")
+    parser.add_argument("--only-shards", action="store_true", help="only our loader (and --before's): no ImageFolder, no webdataset")
     args = parser.parse_args()
+    if args.shard_reads:
+        shard_reads()
+        return
 
     from moto.server import ThreadedMotoServer
 
@@ -198,6 +258,16 @@ def main() -> None:
             "webdataset pipeline, local": webdataset(local_urls),
             "webdataset pipeline, S3 (boto3)": webdataset(s3_urls),
         }
+        if args.only_shards:
+            readers = {k: v for k, v in readers.items() if k.startswith("shards")}
+        if args.before:
+            before = loader_at(args.before, tmp)
+
+            def shards_before(url: str):
+                return lambda epoch: before.make_loader(url, "train", bs, num_workers=workers, epoch=epoch, transform=transform)
+
+            readers[f"shards, local ({args.before})"] = shards_before(local)
+            readers[f"shards, S3 ({args.before})"] = shards_before("s3://bench/shards")
         results = rates(readers, args.epochs)
 
         # every shard count in every round, so a burst of load from elsewhere hits them alike
@@ -209,7 +279,7 @@ def main() -> None:
             "checked": lambda n: make_loader(folders[n], "train", bs, num_workers=workers, transform=transform, check_shards=True),
             "webdataset": lambda n: wds_loader(urls[n], transform, bs, workers),
         }
-        for name in variants:  # warm-up: imports, caches
+        for name in variants if counts else []:  # warm-up: imports, caches
             first_batch_seconds(lambda name=name: variants[name](counts[0]))
         best = {(n, name): float("inf") for n in counts for name in variants}
         for _ in range(args.first_batch_repeats):
@@ -224,8 +294,14 @@ def main() -> None:
     print(f"pipelines benchmark: {args.images} JPEGs 64-128 px, {len(m['splits']['train']['shards'])} shards, "
           f"train transform to 56 px, batch {bs}, {workers} workers, best of {args.epochs} epochs")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    for name, (ips, n) in results.items():
-        print(f"  {name:30s} {ips:8.0f} images/s  ({n} images/epoch)")
+    for name, (ips, n, per_cpu) in results.items():
+        print(f"  {name:30s} {ips:8.0f} images/s  {per_cpu:6.0f} images/CPU-s  ({n} images/epoch)")
+    if args.before:
+        for where, url_name in (("local", "shards, local folder"), ("S3", "shards, S3 (moto, loopback)")):
+            now, then = results[url_name], results[f"shards, {where} ({args.before})"]
+            print(f"  ratio today / {args.before}, {where}: {now[0] / then[0]:.2f}x images/s, {now[2] / then[2]:.2f}x images/CPU-s")
+    if args.only_shards:
+        return
     folder_ips = results["ImageFolder + DataLoader"][0]
     local_ips = results["shards, local folder"][0]
     s3_ips = results["shards, S3 (moto, loopback)"][0]

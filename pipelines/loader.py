@@ -1,239 +1,123 @@
-"""Read shards into ``(images, labels)`` batches for one DDP rank: ``make_loader``.
+"""Read shards into batches for one DDP rank: ``make_loader``.
 
-Who reads what, per epoch (all derived from the manifest, so every rank and worker agrees without
-talking):
+Training (``shuffle=True``, the default for split "train")::
 
-* Slots: rank ``r``'s data-loader worker ``w`` is slot ``w * world_size + r`` of
-  ``world_size * max(num_workers, 1)`` (interleaved like ``DistributedSampler``).
-* ``split_by="shard"``: the split's shards (shuffled by ``seed`` + ``epoch`` in training) are dealt
-  to slots; each slot reads whole shards. ``"sample"``: every slot reads every shard and keeps the
-  samples whose (per-epoch permuted) index falls in its slot: exact balance at the cost of reading
-  each shard once per slot. The permutation is a keyed bijection computed per shard as it is read
-  (``_permute``), so planning costs nothing per sample, however large the split. ``"auto"`` picks shard mode when there are at least 4 shards per slot or
-  the shard count divides evenly among slots, else sample mode (the demo's few digit shards).
-* Training (``shuffle=True``): every rank yields exactly ``len(loader) = (N // world_size) //
-  batch_size`` full batches, N the split's sample count, so DDP never waits on a rank that ran
-  dry. A slot that owns fewer samples than its quota (uneven shards, skipped bad samples) starts
-  over on its own samples, reshuffled: those repeats are the only duplicates in an epoch. A slot
-  that owns more stops at its quota. Order comes from shard shuffle + a sample shuffle buffer,
-  both seeded by (seed, epoch, slot, pass).
-* Evaluation (``shuffle=False``): every sample is read exactly once across all ranks; a rank's
-  batches are full except its last; ``len()`` counts them (ranks may differ by one batch).
+    loader = make_loader(url, "train", global_batch_size=G, rank=r, world_size=W, num_workers=n,
+                         epoch=e, seed=s, start_step=k, transform=t)
+    for images, labels in loader: ...            # len(loader) == loader.steps_per_epoch - k on every rank
 
-Workers build full batches; each worker's last partial batch goes to the main process, which merges
-them, so batch boundaries do not waste samples per worker.
+* Global step ``t`` trains the same samples whatever ``W`` and ``n`` (``pipelines.order``: the plan,
+  ``TrainPlan``/``step_samples``, reads no data). Rank ``r``'s batch is positions
+  ``[R_r, R_{r+1})`` of the global batch, ``R_r = r*(G//W) + min(r, G%W)``: shares differ by at
+  most one. A ``batch_size`` (per rank) instead of ``global_batch_size`` means ``G = batch_size * W``.
+* ``loader.steps_per_epoch = N // G`` (drop-last); every rank yields ``len(loader)`` batches.
+* ``start_step=k`` yields exactly what an uninterrupted epoch yields from step ``k`` on. Each stream
+  the reader reads starts at the block holding its step-``k`` sample: the shard holding that block's
+  start is read from byte 0 to there (tar has no random access) without decoding, and the block's
+  samples of earlier steps are read but not kept. No sample of an earlier step is decoded.
+* Augmentation: before ``transform`` runs on a sample, the loader seeds torch's default CPU
+  generator with ``order.sample_seed(seed, epoch, index)`` (index: the sample's place in the split),
+  so every random per-image op (crop, flip, lighting, any v2 transform) draws the same numbers on any
+  ``W`` and ``n``. With ``num_workers=0`` this runs in the caller's process, inside
+  ``torch.random.fork_rng``: the caller's RNG state is left as it was.
+* ``decode=False`` (decode on the GPU): ``images`` is a ``SeededImages``, a ``list`` of 1-D uint8
+  tensors (the stored bytes) with a ``seeds`` attribute, an int64 tensor of the images' seeds.
+  ``BatchTransform.__call__(images)`` (``pipelines.make_batch_transform``) draws each image's crop,
+  flip and lighting from ``torch.Generator().manual_seed(seed)`` when ``seeds`` is there.
+* ``on_error="skip"``: a bad sample, or the samples of a shard part that cannot be read, are left out
+  of their step: that rank's batch of that step is smaller (it may be empty: ``images`` then has
+  length 0), the step counts stay equal on every rank. ``loader.errors`` lists one ``ErrorReport``
+  per problem (its ``samples``: how many of this rank's samples it cost), ``loader.skipped`` their sum
+  (summed over ranks it counts each lost sample once).
 
-``decode=False`` skips decoding and the transform: batches hold the stored (encoded) image bytes,
-for a decoder on the accelerator (``pipelines.make_batch_transform``). A worker packs a batch's bytes
-into one buffer (``Encoded``), one shared-memory transfer per batch rather than one per image; the
-loader hands out a list of 1-D uint8 tensors, views into that buffer.
+How it reads. A reader is one loader process (``max(n, 1)`` per rank). It reads the streams its
+positions touch (``order.TrainPlan.pieces``), each sequentially from shard to shard, one block in
+memory per stream, and yields one part per step, possibly empty. PyTorch hands out the items of an
+``IterableDataset``'s workers round-robin and in order, so the rank's main process takes ``n`` items
+per step and concatenates them: reader ranges are contiguous and ascending, so that is the canonical order.
 
-Integrity: a shard is checked against its manifest entry as it streams (size when opened; sample
-count and sha256 at its end), and every sample must decode and carry a label in range. By default
+* Open shards per loader process: one per stream it reads, about ``S / (W * n)`` plus one (S = 64
+  streams by default: 32 at W=1, n=2; 4 at W=8, n=2): with S3, one connection each (the default
+  client's pool is sized for them).
+* Memory per rank: the encoded samples of one block per stream, about ``shuffle_buffer / W`` samples
+  (110 MB at ImageNet's 110 kB per JPEG, W=1, shuffle_buffer 1000), ``prefetch_factor`` decoded steps
+  per loader process, and a 1 MiB read buffer per open shard.
+* Shard reads per epoch: a stream opens each shard of its segment; a shard cut by a segment
+  boundary is opened by both streams, and a stream cut by a reader boundary is read by both readers
+  (``order.TrainPlan.reads`` counts them; BENCHMARKS.md has the numbers for an ImageNet-sized split).
+
+Evaluation (``shuffle=False``; the default for other splits): every sample is read exactly once across
+all ranks (``order.plan_eval``); a rank's batches are full except its last; ``len()`` counts them
+(ranks may differ by one batch). Loader processes build full batches; each one's last partial batch
+goes to the main process, which merges them. The loader checks it yielded exactly the samples planned.
+``decode=False`` yields plain lists of encoded images.
+
+Integrity (``pipelines.reading``). A shard is checked against its manifest entry as it streams: its size when opened (under
+"skip"; under "raise" the count check below names what differs), and its sample count and sha256 by
+the reader whose range reaches its end (that reader read it from byte 0 anyway), or whose range ends
+where the drop-last tail cuts it. Every sample used must decode and carry a label in range. By default
 (``on_error="raise"``) anything wrong is an error naming the shard and, where there is one, the
-sample: ``ManifestMismatchError`` for the shard, ``DataError`` for a sample. ``on_error="skip"``
-(training only; evaluation always raises) skips instead and reports each loss as an
-``ErrorReport`` (``loader.errors``, ``loader.skipped`` samples, one warning each): a shard whose size
-differs is skipped whole before any of it is used; a tar that breaks mid-way loses the rest of its
-samples; a shard whose bytes changed at the same size is reported once its hash is known (its
-samples that decoded were used). Evaluation checks it yielded exactly the samples the manifest lists.
+sample: ``ManifestMismatchError`` for the shard, ``DataError`` for a sample. Under ``on_error="skip"``
+(training only; evaluation always raises): a shard whose size differs, or that cannot be opened, is
+skipped whole before any of it is used; a tar that breaks mid-way loses the rest of its samples; a
+shard whose bytes changed at the same size is reported once its hash is known (its samples that
+decoded were used). Shards are not checked for existence up front (a stat/HEAD per shard, per epoch,
+per rank); a missing shard fails its first read with an error naming it (``check_shards=True``
+restores the up-front check). ``cache_dir`` keeps verified copies of S3 shards, named by sha256, written
+by the readers that read a shard to its end.
 
-Shards are not checked for existence up front (that cost a stat/HEAD per shard, per epoch, per
-rank); a missing shard fails its first read with an error naming it (``check_shards=True``
-restores the up-front check, e.g. once per job in a driver).
+The tar iteration is the ``webdataset`` library's (``pipelines.format.iter_tar``); its pipeline
+stages (``split_by_node``, ``shuffle``, ``batched``) are not used: they cannot promise equal step counts
+per rank, a world-size-free order, or exactly-once evaluation.
 
-The tar iteration is the ``webdataset`` library's (``pipelines.format.iter_tar``). Its pipeline
-stages (``split_by_node``/``split_by_worker``, ``shuffle``, ``batched``) are not used: they cannot
-promise equal batch counts per rank (DDP would hang) nor exactly-once evaluation, so the planning
-and batching below are ours.
+Layout: the plan is ``pipelines.order``, shard reading and checking ``pipelines.reading``; this module
+keeps the two datasets (``TrainStream``, ``EvalStream``) beside ``ShardLoader``, whose two iteration
+paths take exactly what they yield (one part per step; full and partial batches). About 540 lines of code.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
-import hashlib
-import os
-import tarfile
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from torch.utils.data import DataLoader, get_worker_info
 
 from pipelines import storage
-from pipelines.format import HashingReader, error_text, iter_tar, read_label, read_manifest
+from pipelines.format import read_manifest
+from pipelines.order import (
+    DEFAULT_STREAMS,
+    SPLIT_MODES,
+    SlotPlan,
+    TrainPlan,
+    _key,
+    plan_eval,
+    rank_range,
+    sample_seeds,
+)
+from pipelines.reading import (
+    DataError,
+    ErrorReport,
+    Lost,
+    ShardSource,
+    check_shards_exist,
+)
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
-SPLIT_MODES = ("auto", "shard", "sample")
 ON_ERROR = ("raise", "skip")
 
 
-class DataError(RuntimeError):
-    """A sample or shard that cannot be used (corrupt image, bad label, truncated tar)."""
+class SeededImages(list):
+    """Encoded images (1-D uint8 tensors) and ``seeds``, an int64 tensor: each image's augmentation seed."""
 
-
-class ManifestMismatchError(RuntimeError):
-    """A shard that is missing or disagrees with the manifest (checksum, sample count)."""
-
-
-@dataclass
-class ErrorReport:
-    """A skipped sample (``key``) or part of a shard (``key`` None); ``samples``: how many were lost."""
-
-    shard: str
-    key: str | None
-    reason: str
-    samples: int = 1
-
-    def __str__(self) -> str:
-        return f"{self.shard}: sample {self.key!r}: {self.reason}" if self.key is not None else f"{self.shard}: {self.reason}"
-
-
-@dataclass
-class _Batch:
-    images: Any  # Tensor (B, ...) or tuple of Tensors
-    labels: torch.Tensor
-    keys: list[str]
-    full: bool
-
-
-def _mix(x: np.ndarray, key: int) -> np.ndarray:
-    """A keyed 64-bit mixer (splitmix64's finaliser); uint64 arithmetic wraps, as meant."""
-    x = (x ^ np.uint64(key)) * np.uint64(0x9E3779B97F4A7C15)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    return x ^ (x >> np.uint64(31))
-
-
-def _permute(index: np.ndarray, total: int, keys: tuple[int, ...]) -> np.ndarray:
-    """A keyed bijection of ``[0, total)`` evaluated at ``index`` (any subset): a 4-round Feistel
-    network on the smallest even bit width that covers ``total``, cycle-walking values that land
-    outside (fewer than 4 steps on average). Each shard's samples are permuted as it is read, so a
-    38M-sample split costs no per-sample memory to plan."""
-    half = max(1, ((max(total, 2) - 1).bit_length() + 1) // 2)
-    mask = np.uint64((1 << half) - 1)
-    shift = np.uint64(half)
-
-    def feistel(x: np.ndarray) -> np.ndarray:
-        left, right = x >> shift, x & mask
-        for k in keys:
-            left, right = right, left ^ (_mix(right, k) & mask)
-        return (left << shift) | right
-
-    y = feistel(index.astype(np.uint64))
-    outside = y >= np.uint64(total)
-    while outside.any():
-        y[outside] = feistel(y[outside])
-        outside = y >= np.uint64(total)
-    return y
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Sample mode: a slot keeps global sample ``i`` when ``order(i) % slots == slot``, ``order`` the
-    epoch's permutation in training (identity in evaluation): exactly balanced, never materialised."""
-
-    total: int
-    slots: int
-    slot: int
-    keys: tuple[int, ...] | None  # Feistel keys; None = identity
-
-    def mask(self, offset: int, count: int) -> np.ndarray:
-        index = np.arange(offset, offset + count, dtype=np.uint64)
-        order = _permute(index, self.total, self.keys) if self.keys is not None else index
-        return order % np.uint64(self.slots) == np.uint64(self.slot)
-
-    def owned(self) -> int:
-        return self.total // self.slots + (self.slot < self.total % self.slots)
-
-
-@dataclass
-class SlotPlan:
-    """What one (rank, worker) slot reads in one epoch."""
-
-    shards: list[dict]  # in read order
-    keep: Selection | None  # sample mode: which samples are the slot's; None = every sample of the shards
-    available: int  # samples it owns
-    quota: int | None  # training: samples to yield (with wraparound); eval: None = each owned sample once
-
-
-def _choose_mode(split_by: str, num_shards: int, slots: int) -> str:
-    if split_by != "auto":
-        return split_by
-    return "shard" if num_shards >= 4 * slots or (num_shards >= slots and num_shards % slots == 0) else "sample"
-
-
-def _quotas(available: list[int], total: int) -> list[int]:
-    """Split ``total`` samples among workers: at most what each owns while that suffices,
-    proportionally; the excess (wraparound) proportionally to what each owns."""
-    owned = sum(available)
-    if owned == 0:
-        return [0] * len(available)
-    if total >= owned:
-        extra = [(total - owned) * a // owned for a in available]
-        quotas = [a + e for a, e in zip(available, extra, strict=True)]
-        order = sorted(range(len(available)), key=lambda w: -available[w])
-        for i in range(total - sum(quotas)):
-            quotas[order[i % len(order)]] += 1
-        return quotas
-    quotas = [total * a // owned for a in available]
-    while sum(quotas) < total:
-        w = max(range(len(available)), key=lambda w: available[w] - quotas[w])
-        quotas[w] += 1
-    return quotas
-
-
-def _with_offsets(shards: list[dict]) -> list[dict]:
-    """The shards with ``offset`` (index of their first sample in the split): as given when they have
-    it (``make_loader`` sets it on every shard at once), else copies; no per-epoch copy of a 30,000-shard list."""
-    if not shards or ("offset" in shards[0] and "offset" in shards[-1]):
-        return shards
-    offsets = np.cumsum([0] + [s["num_samples"] for s in shards])
-    return [dict(s, offset=int(o)) for s, o in zip(shards, offsets[:-1].tolist(), strict=True)]
-
-
-def plan_epoch(
-    shards: list[dict],
-    *,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    epoch: int,
-    seed: int,
-    train: bool,
-    batch_size: int,
-    split_by: str = "auto",
-) -> list[SlotPlan]:
-    """The plans of rank ``rank``'s workers for one epoch (pure function of the manifest + arguments)."""
-    workers = max(num_workers, 1)
-    slots = world_size * workers
-    shards = _with_offsets(shards)
-    total = shards[-1]["offset"] + shards[-1]["num_samples"] if shards else 0
-    mode = _choose_mode(split_by, len(shards), slots)
-    rng = np.random.default_rng([seed, epoch])
-    order = [int(i) for i in rng.permutation(len(shards))] if train else list(range(len(shards)))
-    my_slots = [w * world_size + rank for w in range(workers)]
-    plans: list[SlotPlan] = []
-    if mode == "shard":
-        for slot in my_slots:
-            mine = [shards[i] for i in order[slot::slots]]
-            plans.append(SlotPlan(mine, None, sum(s["num_samples"] for s in mine), None))
-    else:
-        keys = tuple(int(k) for k in rng.integers(0, 2**63, size=4)) if train else None
-        ordered = [shards[i] for i in order]
-        for slot in my_slots:
-            keep = Selection(total, slots, slot, keys)
-            plans.append(SlotPlan(ordered, keep, keep.owned(), None))
-    if train:
-        per_rank = (total // world_size) // batch_size * batch_size
-        for plan, quota in zip(plans, _quotas([p.available for p in plans], per_rank), strict=True):
-            plan.quota = quota
-    return plans
+    def __init__(self, images: list, seeds: torch.Tensor):
+        super().__init__(images)
+        self.seeds = seeds
 
 
 @dataclass
@@ -245,6 +129,8 @@ class Encoded:
 
     @classmethod
     def pack(cls, blobs: list[torch.Tensor]) -> Encoded:
+        if not blobs:
+            return cls(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
         return cls(torch.cat(blobs), torch.tensor([len(b) for b in blobs], dtype=torch.int64))
 
     def __len__(self) -> int:
@@ -258,17 +144,39 @@ class Encoded:
 
 
 def _stack(items: list) -> Any:
+    if not items:
+        return torch.zeros(0)
     if isinstance(items[0], tuple):
         return tuple(torch.stack(list(col)) for col in zip(*items, strict=True))
     return torch.stack(items)
 
 
+def _collate(images: list, decode: bool) -> Any:
+    return _stack(images) if decode else Encoded.pack(images)
+
+
+def _join(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` on one thread: NumPy's memcpy. The loader's main process is the trainer's, whose
+    intra-op threads would spin for a copy this size (on a busy 2-core machine a third of an epoch's CPU)."""
+    try:
+        return torch.from_numpy(np.concatenate([t.numpy() for t in tensors]))
+    except (TypeError, RuntimeError):  # a dtype NumPy lacks (bfloat16)
+        return torch.cat(tensors)
+
+
 def _cat(parts: list) -> Any:
     if isinstance(parts[0], Encoded):
-        return Encoded(torch.cat([p.data for p in parts]), torch.cat([p.lengths for p in parts]))
+        return Encoded(_join([p.data for p in parts]), _join([p.lengths for p in parts]))
     if isinstance(parts[0], tuple):
-        return tuple(torch.cat(list(col)) for col in zip(*parts, strict=True))
-    return torch.cat(parts)
+        return tuple(_join(list(col)) for col in zip(*parts, strict=True))
+    return _join(parts)
+
+
+def _pin(images: Any) -> Any:
+    """Page-locked copies of a batch's images (Tensor, tuple of Tensors, or Encoded)."""
+    if isinstance(images, tuple):
+        return tuple(x.pin_memory() for x in images)
+    return images.pin_memory()
 
 
 def _slice(images: Any, start: int, stop: int) -> Any:
@@ -284,375 +192,351 @@ def _identity(item: Any) -> Any:
     return item
 
 
-class ShardStream(IterableDataset):
-    """Runs in each DataLoader worker: read its slot's shards, shuffle, decode, transform, batch."""
+@dataclass
+class _Batch:
+    """Evaluation: a batch (``full``) or a loader process's last partial batch."""
 
-    def __init__(
-        self,
-        manifest: dict,
-        split: str,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        epoch: int,
-        seed: int,
-        train: bool,
-        transform: Callable | None,
-        shuffle_buffer: int,
-        cache_dir: str | None,
-        on_error: str,
-        split_by: str,
-        client_factory: Callable[[], Any],
-        decode: bool = True,
-    ):
-        self.split = split
-        self.shards = _with_offsets(manifest["splits"][split]["shards"])
-        self._plans: tuple[int, list[SlotPlan]] | None = None
-        self.num_classes = manifest["num_classes"]
-        self.label_key = manifest.get("label_key", "cls")
-        self.batch_size = batch_size
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.epoch, self.seed, self.train = epoch, seed, train
-        self.transform = transform
-        self.decode = decode
-        self.shuffle_buffer = shuffle_buffer
-        self.cache_dir = cache_dir
-        self.on_error = on_error
-        self.split_by = split_by
-        self.client_factory = client_factory
-        self._client = None
+    images: Any  # Tensor (B, ...), tuple of Tensors, or Encoded
+    labels: torch.Tensor
+    keys: list[str]
+    full: bool
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_client"] = None  # boto3 clients do not cross processes; each worker makes its own
-        return state
 
-    def plans(self) -> list[SlotPlan]:
-        """This rank's plans for the current epoch, computed once (forked workers inherit them)."""
-        if self._plans is not None and self._plans[0] == self.epoch:
-            return self._plans[1]
-        plans = plan_epoch(
-            self.shards,
-            rank=self.rank,
-            world_size=self.world_size,
-            num_workers=self.num_workers,
-            epoch=self.epoch,
-            seed=self.seed,
-            train=self.train,
-            batch_size=self.batch_size,
-            split_by=self.split_by,
-        )
-        self._plans = (self.epoch, plans)
-        return plans
+@dataclass
+class _Part:
+    """Training: one loader process's part of its rank's batch of ``step`` (possibly empty)."""
 
-    # -- reading -----------------------------------------------------------------------------------
+    step: int
+    images: Any  # Tensor (B, ...), tuple of Tensors, or Encoded; None when empty
+    labels: list[int]  # plain lists: each tensor an item carries costs a file descriptor passed per step
+    keys: list[str]
+    seeds: list[int]
+    reports: list[ErrorReport] = field(default_factory=list)
 
-    def _client_for(self, url: str) -> Any:
-        if not storage.is_s3(url):
-            return None
-        if self._client is None:
-            self._client = self.client_factory()
-        return self._client
+    def pin_memory(self) -> _Part:  # DataLoader(pin_memory=True) calls this
+        if self.images is not None:
+            self.images = _pin(self.images)
+        return self
 
-    def _open(self, shard: dict) -> tuple[Any, str | None, int | None]:
-        """(stream over the shard, cache temp path or None, its size in bytes if known); from the
-        cache when there. A shard that cannot be opened is a ``ManifestMismatchError`` naming it."""
-        url = shard["url"]
-        try:
-            if self.cache_dir and storage.is_s3(url):
-                cached = os.path.join(self.cache_dir, shard["sha256"] + ".tar")
-                if os.path.exists(cached):
-                    f = open(cached, "rb")
-                    return f, None, os.fstat(f.fileno()).st_size
-                os.makedirs(self.cache_dir, exist_ok=True)
-                stream = storage.open_stream(url, self._client_for(url))
-                return stream, cached, stream.size
-            stream = storage.open_stream(url, self._client_for(url))
-        except storage.StorageError as err:
-            raise ManifestMismatchError(f"{url}: shard listed in the manifest cannot be read ({err})") from err
-        nbytes = os.fstat(stream.fileno()).st_size if hasattr(stream, "fileno") else stream.size
-        return stream, None, nbytes
 
-    def _read_shard(self, shard: dict, keep: Selection | None, report: bool = True) -> Iterator[tuple[str, str, dict] | ErrorReport]:
-        """The slot's samples of one shard, checked against the manifest entry (see the module
-        docstring); ``report=False`` (a wraparound pass) drops reports already made in the first."""
-        url = shard["url"]
-        expected = shard["num_samples"]
-        mask = keep.mask(shard["offset"], expected) if keep is not None else None
-        mine = int(mask.sum()) if mask is not None else expected
-        if mine == 0:
-            return
-        try:
-            stream, cache_path, nbytes = self._open(shard)
-        except ManifestMismatchError as err:
-            if self.on_error == "raise":
-                raise
-            if report:
-                yield ErrorReport(url, None, f"{err}; whole shard skipped", mine)
-            return
-        if nbytes is not None and nbytes != shard["bytes"] and self.on_error == "skip":
-            stream.close()
-            if report:
-                yield ErrorReport(url, None, f"{nbytes} bytes, the manifest says {shard['bytes']}; whole shard skipped", mine)
-            return
-        tee = _Tee(stream, cache_path) if cache_path else stream
-        reader = HashingReader(tee)
-        count = used = 0
-        key = None
-        try:
-            try:
-                for key, fields in iter_tar(reader):
-                    if count == expected:  # more samples than the manifest says
-                        count += 1
-                        break
-                    if mask is None or mask[count]:
-                        used += 1
-                        yield url, key, fields
-                    count += 1
-            except (tarfile.TarError, EOFError, ValueError, storage.StorageError) as err:
-                after = f"after sample {key!r}" if key is not None else "at its start"
-                item = self._report(url, None, f"truncated or corrupt tar {after} ({error_text(err)}); rest of shard lost", mine - used, shard_level=True)
-                if report:
+# -- training -------------------------------------------------------------------------------------
+
+
+class _StreamReader:
+    """One reader's rows of one stream: reads the stream's segment in order from the block holding
+    step ``start_step``'s first row, and holds one block's wanted samples at a time."""
+
+    def __init__(self, source: TrainStream, plan: TrainPlan, stream: int, lo: int, hi: int, start_step: int):
+        self.plan, self.stream, self.lo, self.hi = plan, stream, lo, hi
+        self.count = int(plan.counts[stream])
+        self.first = int(plan.firsts[stream])
+        self.start, self.length = plan.segment(stream)
+        self.reports: list[ErrorReport] = []
+        self.block, self.order, self.buffer = -1, np.zeros(0, dtype=np.int64), {}
+        first_block = (start_step * self.count + lo) // plan.block
+        self.items = self._read(source, self.start + first_block * plan.block, self.start + self.length)
+
+    def _read(self, source: TrainStream, u0: int, u1: int) -> Iterator[Any]:
+        """One item per ``U``-position in ``[u0, u1)``, shard after shard; the reports go to ``self.reports``."""
+        plan = self.plan
+        k0, k1 = plan.locate(u0)[0], plan.locate(u1 - 1)[0]
+        for k in range(k0, k1 + 1):
+            shard = plan.shards[int(plan.order[k])]
+            begin = int(plan.starts[k])
+            lo, hi = max(u0, begin) - begin, min(u1, int(plan.starts[k + 1])) - begin
+            # check the shard where this range reaches its end, or where the drop-last tail cuts it
+            verify = hi == shard["num_samples"] or (self.stream == plan.streams - 1 and k == k1)
+            for item in source.read_shard(shard, lo, hi, verify=verify):
+                if isinstance(item, ErrorReport):
+                    self.reports.append(item)
+                else:
                     yield item
-                return
-            reader.drain()
-            sha = reader.sha.hexdigest()
-            if count != expected or reader.nbytes != shard["bytes"] or sha != shard["sha256"]:
-                item = self._report(
-                    url,
-                    None,
-                    f"shard disagrees with the manifest: {count} samples, {reader.nbytes} bytes, sha256 {sha[:12]}... "
-                    f"(manifest: {expected} samples, {shard['bytes']} bytes, sha256 {shard['sha256'][:12]}...)"
-                    f"{'; its samples that decoded were used' if self.on_error == 'skip' and count <= expected else ''}; rewrite the dataset",
-                    max(0, mine - used),
-                    shard_level=True,
-                )
-                if report:
-                    yield item
-                return
-            if cache_path:
-                tee.publish()
-        finally:
-            if cache_path:
-                tee.close()
-            else:
-                stream.close()
 
-    def _report(self, shard: str, key: str | None, reason: str, samples: int = 1, *, shard_level: bool = False) -> ErrorReport:
-        report = ErrorReport(shard, key, reason, samples)
-        if self.on_error == "raise":
-            raise (ManifestMismatchError if shard_level else DataError)(str(report))
-        return report
+    def _load(self, block: int, output: int) -> None:
+        """Read block ``block``; keep the samples of this reader's rows from output ``output`` on."""
+        order = self.plan.block_order(self.stream, block)
+        outputs = block * self.plan.block + np.arange(len(order))
+        rows = outputs % self.count
+        wanted = set(order[(outputs >= output) & (rows >= self.lo) & (rows < self.hi)].tolist())
+        self.buffer = {}
+        for i in range(len(order)):
+            item = next(self.items)
+            if i in wanted:
+                self.buffer[i] = item
+        if (block + 1) * self.plan.block >= self.length:
+            for _ in self.items:  # the segment's end: let the last shard be checked and closed
+                raise AssertionError("a stream read past its segment")
+        self.block, self.order = block, order
 
-    def _decode(self, url: str, key: str, fields: dict) -> tuple[Any, int] | ErrorReport:
-        ext = next((e for e in IMAGE_FIELDS if e in fields), None)
-        if ext is None:
-            return self._report(url, key, f"no image field {list(IMAGE_FIELDS)} (has {sorted(fields)})")
-        label = read_label(fields, self.label_key)
-        if isinstance(label, str):
-            return self._report(url, key, label)
-        if not 0 <= label < self.num_classes:
-            return self._report(url, key, f"label {label} outside [0, {self.num_classes})")
-        if not self.decode:  # the bytes as stored, for a decoder downstream (on the GPU)
-            return torch.frombuffer(bytearray(fields[ext]), dtype=torch.uint8), label
-        try:
-            with warnings.catch_warnings():
-                # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency);
-                # they remain the fastest JPEG/PNG path here (libjpeg-turbo, no PIL round trip)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                image = decode_image(torch.frombuffer(bytearray(fields[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError) as err:
-            return self._report(url, key, f"corrupt {ext} image ({str(err).splitlines()[0][:120]})")
-        return (self.transform(image) if self.transform is not None else image), label
+    def take(self, step: int) -> list[tuple[int, Any]]:
+        """(position in the global batch, sample or ``Lost``) of this reader's rows of ``step``."""
+        out = []
+        for row in range(self.lo, self.hi):
+            output = step * self.count + row
+            block = output // self.plan.block
+            if block != self.block:
+                self._load(block, output)
+            out.append((self.first + row, self.buffer.pop(int(self.order[output - block * self.plan.block]))))
+        return out
 
-    def _samples(self, plan: SlotPlan, slot: int, rounds: int | None) -> Iterator[tuple[str, str, dict] | ErrorReport]:
-        """Raw samples of the slot, shuffled in training; ``rounds`` passes (None: until stopped)."""
-        round_ = 0
-        while rounds is None or round_ < rounds:
-            rng = np.random.default_rng([self.seed, self.epoch, slot, round_])
-            shards = plan.shards
-            if self.train and round_ > 0:
-                shards = [shards[i] for i in rng.permutation(len(shards))]
-            buffer: list = []
-            good = 0
-            for shard in shards:
-                for item in self._read_shard(shard, plan.keep, report=round_ == 0):
-                    if isinstance(item, ErrorReport) or not self.train or self.shuffle_buffer <= 0:
-                        good += not isinstance(item, ErrorReport)
-                        yield item
-                        continue
-                    good += 1
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(item)
-                        continue
-                    i = int(rng.integers(len(buffer)))
-                    buffer[i], item = item, buffer[i]
-                    yield item
-            rng.shuffle(buffer)
-            yield from buffer
-            if self.train and good == 0:
-                raise DataError(f"slot {slot}: no readable sample in {len(shards)} shard(s) (first: {shards[0]['url'] if shards else '-'})")
-            round_ += 1
 
-    def __iter__(self) -> Iterator[_Batch | ErrorReport]:
+class TrainStream(ShardSource):
+    """Runs in each loader process: one ``_Part`` per step, from ``start_step`` to the epoch's end."""
+
+    def __init__(self, manifest: dict, split: str, *, global_batch_size: int, start_step: int, streams: int,
+                 shuffle_buffer: int, **kwargs: Any):
+        super().__init__(manifest, split, **kwargs)
+        self.global_batch_size, self.start_step = global_batch_size, start_step
+        self.streams, self.shuffle_buffer = streams, shuffle_buffer
+        self._plan: TrainPlan | None = None
+
+    def plan(self) -> TrainPlan:
+        """The current epoch's plan, built once (forked loader processes inherit it)."""
+        if self._plan is None or self._plan.epoch != self.epoch:
+            self._plan = TrainPlan(self.shards, seed=self.seed, epoch=self.epoch, global_batch_size=self.global_batch_size,
+                                   streams=self.streams, shuffle_buffer=self.shuffle_buffer)
+        return self._plan
+
+    def __iter__(self) -> Iterator[_Part]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        plan = self.plans()[worker]
-        slot = worker * self.world_size + self.rank
-        if not plan.shards or (self.train and not plan.quota) or plan.available == 0:
-            return
-        quota = plan.quota if self.train else None
-        images: list = []
-        labels: list[int] = []
-        keys: list[str] = []
-        produced = 0
-        reported: set[tuple[str, str]] = set()
-        for item in self._samples(plan, slot, rounds=None if self.train else 1):
-            if isinstance(item, ErrorReport):
-                yield item
-                continue
-            url, key, fields = item
-            decoded = self._decode(url, key, fields)
+        plan = self.plan()
+        lo, hi = plan.reader_range(self.rank, self.world_size, worker, max(self.num_workers, 1))
+        readers = [_StreamReader(self, plan, p.stream, p.lo, p.hi, self.start_step) for p in plan.pieces(lo, hi)]
+        for step in range(self.start_step, plan.steps):
+            taken = [item for reader in readers for item in reader.take(step)]
+            reports = [r for reader in readers for r in reader.reports]
+            for reader in readers:
+                reader.reports = []
+            if info is None:  # in the caller's process: leave its RNG as it was
+                with torch.random.fork_rng(devices=[]):
+                    part = self._part(step, taken, reports)
+            else:
+                part = self._part(step, taken, reports)
+            yield part
+
+    def _part(self, step: int, taken: list[tuple[int, Any]], reports: list[ErrorReport]) -> _Part:
+        samples = [item for _, item in taken if not isinstance(item, Lost)]
+        seeds = sample_seeds(self.seed, self.epoch, np.array([s[1] for s in samples], dtype=np.int64)).tolist()
+        lost = Counter((item.shard, item.reason) for _, item in taken if isinstance(item, Lost))
+        images, labels, keys, kept = [], [], [], []
+        for (url, _, key, fields), seed in zip(samples, seeds, strict=True):
+            decoded = self.decode_sample(url, key, fields, seed)
             if isinstance(decoded, ErrorReport):
-                if (url, key) not in reported:  # a wraparound pass meets it again: count it once
-                    reported.add((url, key))
-                    yield decoded
+                reports.append(decoded)
                 continue
             images.append(decoded[0])
             labels.append(decoded[1])
             keys.append(key)
-            produced += 1
-            if len(images) == self.batch_size:
-                yield _Batch(self._collate(images), torch.tensor(labels), keys, True)
-                images, labels, keys = [], [], []
-            if quota is not None and produced == quota:
-                break
+            kept.append(seed)
+        reports += [ErrorReport(shard, None, reason, n) for (shard, reason), n in lost.items()]
+        return _Part(step, _collate(images, self.decode) if images else None, labels, keys, kept, reports)
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+
+class EvalStream(ShardSource):
+    """Runs in each loader process: its slot's samples, each once, in batches of ``batch_size``."""
+
+    def __init__(self, manifest: dict, split: str, *, batch_size: int, split_by: str, **kwargs: Any):
+        super().__init__(manifest, split, **kwargs)
+        self.batch_size, self.split_by = batch_size, split_by
+        self._plans: list[SlotPlan] | None = None
+
+    def plans(self) -> list[SlotPlan]:
+        if self._plans is None:
+            self._plans = plan_eval(self.shards, rank=self.rank, world_size=self.world_size, num_workers=self.num_workers, split_by=self.split_by)
+        return self._plans
+
+    def __iter__(self) -> Iterator[_Batch]:
+        info = get_worker_info()
+        plan = self.plans()[info.id if info is not None else 0]
+        images: list = []
+        labels: list[int] = []
+        keys: list[str] = []
+        for shard in plan.shards:
+            mask = plan.keep.mask(shard["offset"], shard["num_samples"]) if plan.keep is not None else None
+            if mask is not None and not mask.any():
+                continue
+            for url, _, key, fields in self.read_shard(shard, mask=mask):  # "raise": no reports in evaluation
+                image, label = self.decode_sample(url, key, fields)
+                images.append(image)
+                labels.append(label)
+                keys.append(key)
+                if len(images) == self.batch_size:
+                    yield _Batch(_collate(images, self.decode), torch.tensor(labels), keys, True)
+                    images, labels, keys = [], [], []
         if images:
-            yield _Batch(self._collate(images), torch.tensor(labels), keys, False)
-
-    def _collate(self, images: list) -> Any:
-        return _stack(images) if self.decode else Encoded.pack(images)
+            yield _Batch(_collate(images, self.decode), torch.tensor(labels), keys, False)
 
 
-class _Tee:
-    """Copy a stream into a cache temp file while it is read; ``publish`` renames it into place."""
-
-    def __init__(self, stream: Any, final_path: str):
-        self.stream = stream
-        self.final_path = final_path
-        self.tmp_path = f"{final_path}.{os.getpid()}.part"
-        self.file = open(self.tmp_path, "wb")
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        self.file.write(data)
-        return data
-
-    def close(self) -> None:
-        self.stream.close()
-        if not self.file.closed:
-            self.file.close()
-        if os.path.exists(self.tmp_path) and not os.path.exists(self.final_path):
-            os.remove(self.tmp_path)
-
-    def publish(self) -> None:
-        self.file.close()
-        os.replace(self.tmp_path, self.final_path)
+# -- the loader -----------------------------------------------------------------------------------
 
 
 class ShardLoader:
     """Iterable of ``(images, labels)`` (or ``(images, labels, keys)``) batches for one rank.
 
-    ``len()`` is this rank's batch count per epoch. ``set_epoch(e)`` picks the epoch's order.
-    ``errors`` lists what the last iteration skipped (``ErrorReport``s; ``on_error="skip"`` only),
-    ``skipped`` the samples lost with them. ``num_samples``: samples this rank yields per epoch;
-    ``split_samples``: the split's count in the manifest (all ranks together read it once in evaluation).
+    Both kinds: ``len()`` (batches the next iteration yields), ``epoch``, ``set_epoch(e)``,
+    ``errors``/``skipped`` (what the last iteration skipped; ``on_error="skip"`` only), ``batch_size``
+    (this rank's), ``num_samples`` (samples this rank yields per iteration when nothing is skipped),
+    ``split_samples`` (the split's count in the manifest). Training also: ``train`` (True),
+    ``global_batch_size``, ``steps_per_epoch``, ``start_step``, ``plan`` (the epoch's ``TrainPlan``).
     """
 
-    def __init__(self, dataset: ShardStream, *, num_workers: int, with_keys: bool, pin_memory: bool, prefetch_factor: int, manifest: dict, url: str):
+    def __init__(self, dataset: TrainStream | EvalStream, *, num_workers: int, with_keys: bool, pin_memory: bool,
+                 prefetch_factor: int, manifest: dict, url: str):
         self.dataset = dataset
-        self.num_workers = num_workers
-        self.with_keys = with_keys
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.manifest = manifest
-        self.url = url
+        self.train = isinstance(dataset, TrainStream)
+        self.num_workers, self.with_keys = num_workers, with_keys
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.manifest, self.url = manifest, url
         self.errors: list[ErrorReport] = []
         self.split_samples = int(manifest["splits"][dataset.split]["num_samples"])
-        self._yielded = 0
-        plans = dataset.plans()
-        self.num_samples = sum(p.quota if dataset.train else p.available for p in plans)
-        bs = dataset.batch_size
-        self._len = self.num_samples // bs if dataset.train else -(-self.num_samples // bs)
+        if self.train:
+            self.global_batch_size = dataset.global_batch_size
+            lo, hi = rank_range(dataset.global_batch_size, dataset.world_size, dataset.rank)
+            self.batch_size = hi - lo
+        else:
+            self.batch_size = dataset.batch_size
+            self._eval_samples = sum(p.available for p in dataset.plans())
 
     @property
     def epoch(self) -> int:
         return self.dataset.epoch
 
-    def set_epoch(self, epoch: int) -> None:
+    @property
+    def plan(self) -> TrainPlan:
+        return self.dataset.plan()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps
+
+    @property
+    def start_step(self) -> int:
+        return self.dataset.start_step
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate epoch ``epoch`` next (training: from step ``start_step``)."""
         self.dataset.epoch = epoch
+        if self.train:
+            if not 0 <= start_step <= self.plan.steps:
+                raise ValueError(f"start_step {start_step} outside [0, steps_per_epoch={self.plan.steps}]")
+            self.dataset.start_step = start_step
+        elif start_step:
+            raise ValueError("start_step is for training; evaluation reads every sample once")
 
     def __len__(self) -> int:
-        return self._len
+        if self.train:
+            return self.plan.steps - self.dataset.start_step
+        return -(-self._eval_samples // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields in an iteration when none is skipped (training: from ``start_step``)."""
+        return self.batch_size * len(self) if self.train else self._eval_samples
 
     @property
     def skipped(self) -> int:
         """Samples the last iteration skipped (bad samples, and the samples of skipped shard parts)."""
         return sum(e.samples for e in self.errors)
 
-    def _out(self, images: Any, labels: torch.Tensor, keys: list[str]) -> tuple:
-        self._yielded += len(labels)
-        if isinstance(images, Encoded):
-            images = images.unpack()
-        return (images, labels, keys) if self.with_keys else (images, labels)
-
-    def __iter__(self) -> Iterator[tuple]:
+    def _batches(self, pin_memory: bool) -> Iterator[Any]:
         ds = self.dataset
-        bs = ds.batch_size
-        generator = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{ds.seed}/{ds.epoch}/{ds.rank}".encode()).digest()[:7], "little"))
+        # its own generator: PyTorch draws the workers' base seed from it, not from the caller's RNG
+        generator = torch.Generator().manual_seed(_key("workers", ds.seed, ds.epoch, ds.rank) >> 1)
         loader = DataLoader(
-            ds,
+            self.dataset,
             batch_size=None,
             num_workers=self.num_workers,
             collate_fn=_identity,
-            pin_memory=self.pin_memory,
+            pin_memory=pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-            generator=generator,  # seeds the workers' torch RNG: augmentation repeats with (seed, epoch, rank)
+            generator=generator,
         )
-        self.errors = []
-        self._yielded = 0
-        parts: list[_Batch] = []
-        pending = 0
         # The workers fork here. Frozen, the manifest's objects (30,000 shard entries) are never scanned
         # by the workers' garbage collector, so their pages are not copied into each worker (gc.freeze's
         # documented use); unfrozen again in this process right after.
         gc.freeze()
         try:
-            batches = iter(loader)
+            return iter(loader)
         finally:
             gc.unfreeze()
-        for item in batches:
-            if isinstance(item, ErrorReport):
-                self.errors.append(item)
-                warnings.warn(f"skipped {item.samples} sample(s): {item}", RuntimeWarning, stacklevel=2)
+
+    def __iter__(self) -> Iterator[tuple]:
+        self.errors = []
+        return self._iter_train() if self.train else self._iter_eval()
+
+    def _note(self, reports: list[ErrorReport], seen: dict) -> None:
+        """Add reports to ``errors``, one entry per problem (samples summed), one warning each."""
+        for report in reports:
+            known = seen.get((report.shard, report.key, report.reason))
+            if known is not None:
+                known.samples += report.samples
                 continue
+            seen[report.shard, report.key, report.reason] = report
+            self.errors.append(report)
+            what = f"skipped {report.samples} sample(s)" if report.key is not None else "data error (its samples lost are counted in loader.skipped)"
+            warnings.warn(f"{what}: {report}", RuntimeWarning, stacklevel=3)
+
+    def _iter_train(self) -> Iterator[tuple]:
+        ds: TrainStream = self.dataset  # type: ignore[assignment]
+        readers = max(self.num_workers, 1)
+        seen: dict = {}
+        parts_in = self._batches(self.pin_memory and readers == 1)  # else pinned once merged
+        for step in range(ds.start_step, self.plan.steps):
+            # (1) PyTorch returns the items of an IterableDataset's workers round-robin, in order; each
+            # worker yields exactly one part per step, so these are the rank's parts of this step.
+            parts = [next(parts_in, None) for _ in range(readers)]
+            if any(p is None or p.step != step for p in parts):
+                raise RuntimeError(f"{self.url}: rank {ds.rank}: loader processes out of step at step {step}")
+            self._note([r for p in parts for r in p.reports], seen)
+            full = [p for p in parts if p.images is not None]
+            labels = torch.tensor([y for p in parts for y in p.labels], dtype=torch.int64)
+            keys = [k for p in parts for k in p.keys]
+            if not full:
+                images: Any = Encoded.pack([]) if not ds.decode else torch.zeros(0)
+            else:
+                images = full[0].images if len(full) == 1 else _cat([p.images for p in full])
+                if self.pin_memory and readers > 1:
+                    images = _pin(images)
+            if isinstance(images, Encoded):
+                images = SeededImages(images.unpack(), torch.tensor([x for p in parts for x in p.seeds], dtype=torch.int64))
+            yield (images, labels, keys) if self.with_keys else (images, labels)
+        if next(parts_in, None) is not None:  # the loader processes stop after the last step
+            raise RuntimeError(f"{self.url}: rank {ds.rank}: a loader process yielded more steps than planned")
+
+    def _iter_eval(self) -> Iterator[tuple]:
+        ds: EvalStream = self.dataset  # type: ignore[assignment]
+        bs = ds.batch_size
+        yielded = 0
+        parts: list[_Batch] = []
+        pending = 0
+        for item in self._batches(self.pin_memory):
             if item.full:
+                yielded += len(item.labels)
                 yield self._out(item.images, item.labels, item.keys)
                 continue
             parts.append(item)
             pending += len(item.keys)
             while pending >= bs:
-                yield from self._merge(parts, bs)
+                yielded += bs
+                yield self._merge(parts, bs)
                 pending = sum(len(p.keys) for p in parts)
-        if parts and not ds.train:
-            yield from self._merge(parts, None)
-        if not ds.train and self._yielded != self.num_samples:  # evaluation: each of this rank's samples exactly once
-            raise DataError(f"{self.url}: rank {ds.rank} read {self._yielded} samples of split {ds.split!r}, planned {self.num_samples}")
+        if parts:
+            yielded += pending
+            yield self._merge(parts, None)
+        if yielded != self.num_samples:  # evaluation: each of this rank's samples exactly once
+            raise DataError(f"{self.url}: rank {ds.rank} read {yielded} samples of split {ds.split!r}, planned {self.num_samples}")
 
-    def _merge(self, parts: list[_Batch], bs: int | None) -> Iterator[tuple]:
-        """Yield one batch of ``bs`` (all, if None) from the front of ``parts``; keep the rest there."""
+    def _out(self, images: Any, labels: torch.Tensor, keys: list[str]) -> tuple:
+        if isinstance(images, Encoded):
+            images = images.unpack()
+        return (images, labels, keys) if self.with_keys else (images, labels)
+
+    def _merge(self, parts: list[_Batch], bs: int | None) -> tuple:
+        """One batch of ``bs`` (all, if None) from the front of ``parts``; the rest stays there."""
         images = _cat([p.images for p in parts])
         labels = torch.cat([p.labels for p in parts])
         keys = [k for p in parts for k in p.keys]
@@ -660,36 +544,29 @@ class ShardLoader:
         parts.clear()
         if n < len(keys):
             parts.append(_Batch(_slice(images, n, len(keys)), labels[n:], keys[n:], False))
-        yield self._out(_slice(images, 0, n), labels[:n], keys[:n])
-
-
-def _check_shards(shards: list[dict], client: Any | None) -> None:
-    """Every shard named by the manifest exists (one stat/HEAD each, in parallel)."""
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        sizes = list(pool.map(lambda s: storage.size(s["url"], client), shards))
-    missing = [s["url"] for s, n in zip(shards, sizes, strict=True) if n is None]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ManifestMismatchError(f"{missing[0]}{more}: shard listed in the manifest does not exist")
+        return self._out(_slice(images, 0, n), labels[:n], keys[:n])
 
 
 def make_loader(
     url: str,
     split: str,
-    batch_size: int,
+    batch_size: int | None = None,
     *,
+    global_batch_size: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 2,
     epoch: int = 0,
     seed: int = 0,
+    start_step: int = 0,
+    streams: int = DEFAULT_STREAMS,
     transform: Callable | None = None,
     shuffle: bool | None = None,
     shuffle_buffer: int = 1000,
     cache_dir: str | None = None,
     on_error: str = "raise",
     with_keys: bool = False,
-    split_by: str = "auto",
+    split_by: str | None = None,
     check_shards: bool = False,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
@@ -701,26 +578,41 @@ def make_loader(
     Yields ``(images, labels)`` — or ``(images, labels, keys)`` with ``with_keys`` — where images are
     ``transform``'s output stacked along dim 0 (uint8 ``(B, C, H, W)`` when ``transform`` is None:
     the stored pixels, all images must share a size). ``shuffle`` defaults to ``split == "train"`` and
-    selects training semantics (equal batch counts per rank, drop-last, wraparound) or evaluation
-    semantics (every sample once). See the module docstring for how work is divided.
+    selects training (a run's order: ``global_batch_size`` or ``batch_size`` per rank, ``epoch``,
+    ``seed``, ``start_step``, ``streams``, ``shuffle_buffer``) or evaluation (every sample once:
+    ``batch_size`` per rank, ``split_by`` "auto", "shard" or "sample"). See the module docstring.
     ``cache_dir`` keeps verified copies of S3 shards, named by sha256. ``client_factory`` makes the
-    boto3 client in each worker (default ``storage.make_s3_client``). ``decode=False``: images are a
-    list of 1-D uint8 tensors, the encoded bytes as stored (``transform`` must be None); decode them
-    with ``pipelines.make_batch_transform``. ``pin_memory``: page-locked batches, for non-blocking
-    copies to the GPU. ``on_error``: ``"raise"`` (default) or ``"skip"`` bad samples and shards,
-    counted in ``loader.errors``/``loader.skipped`` (training only: evaluation always raises).
+    boto3 client in each loader process (default ``storage.make_s3_client``, its pool sized for the
+    streams). ``decode=False``: images are encoded bytes (``transform`` must be None; in training a
+    ``SeededImages`` list); decode them with ``pipelines.make_batch_transform``. ``pin_memory``:
+    page-locked batches. ``on_error``: ``"raise"`` (default) or ``"skip"`` (training only).
     ``check_shards``: stat/HEAD every shard now rather than fail at the first read of a missing one.
     """
+    train = split == "train" if shuffle is None else shuffle
+    if (batch_size is None) == (global_batch_size is None):
+        raise ValueError(f"give exactly one of batch_size (per rank) and global_batch_size; got batch_size={batch_size}, global_batch_size={global_batch_size}")
+    if not train and global_batch_size is not None:
+        raise ValueError(f"evaluation takes batch_size (per rank), not global_batch_size={global_batch_size}")
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; valid: {list(ON_ERROR)}")
-    if split_by not in SPLIT_MODES:
+    if split_by is not None and split_by not in SPLIT_MODES:
         raise ValueError(f"split_by={split_by!r}; valid: {list(SPLIT_MODES)}")
+    if train and split_by not in (None, "auto"):
+        raise ValueError(f"split_by={split_by!r} is for evaluation; training reads the run's streams (see pipelines.order)")
+    if not train and start_step:
+        raise ValueError(f"start_step={start_step} is for training; evaluation reads every sample once")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    global_batch_size = global_batch_size if global_batch_size is not None else batch_size * world_size
+    if train and global_batch_size < world_size:
+        raise ValueError(f"global_batch_size {global_batch_size} gives some of the {world_size} ranks no sample")
+    if streams < 1:
+        raise ValueError(f"streams must be positive, got {streams}")
     if not decode and transform is not None:
         raise ValueError("decode=False yields encoded bytes: a per-image transform cannot apply (use a batch transform)")
+    plain_client = client_factory is None
     client_factory = client_factory or storage.make_s3_client
     client = client_factory() if storage.is_s3(url) else None
     manifest = read_manifest(url, client)
@@ -730,31 +622,22 @@ def make_loader(
     for shard, offset in zip(shards, np.cumsum([0] + [s["num_samples"] for s in shards])[:-1].tolist(), strict=True):
         shard["offset"] = offset  # in place: the manifest was read for this loader
     if check_shards:
-        _check_shards(shards, client)
-    train = split == "train" if shuffle is None else shuffle
+        check_shards_exist(shards, client)
+    common = dict(transform=transform, decode=decode, cache_dir=cache_dir, client_factory=client_factory, rank=rank,
+                  world_size=world_size, num_workers=num_workers, epoch=epoch, seed=seed)
     if not train:
-        on_error = "raise"  # an evaluation that skipped samples would report a wrong error rate
-    total = manifest["splits"][split]["num_samples"]
-    if train and total // world_size < batch_size:
-        raise ValueError(f"{url}: split {split!r} has {total} samples, fewer than batch_size {batch_size} per rank x {world_size} ranks")
-    if _choose_mode(split_by, len(shards), world_size * max(num_workers, 1)) == "shard" and train and len(shards) < world_size:
-        raise ValueError(f"{url}: {len(shards)} shard(s) cannot feed {world_size} ranks by shard; use split_by='sample'")
-    dataset = ShardStream(
-        manifest,
-        split,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        epoch=epoch,
-        seed=seed,
-        train=train,
-        transform=transform,
-        shuffle_buffer=shuffle_buffer if train else 0,
-        cache_dir=cache_dir,
-        on_error=on_error,
-        split_by=split_by,
-        client_factory=client_factory,
-        decode=decode,
-    )
-    return ShardLoader(dataset, num_workers=num_workers, with_keys=with_keys, pin_memory=pin_memory, prefetch_factor=prefetch_factor, manifest=manifest, url=url)
+        split_by = split_by or "auto"
+        dataset: TrainStream | EvalStream = EvalStream(manifest, split, batch_size=batch_size, split_by=split_by, on_error="raise", **common)
+    else:
+        total = manifest["splits"][split]["num_samples"]
+        if total < global_batch_size:
+            raise ValueError(f"{url}: split {split!r} has {total} samples, fewer than one global batch of {global_batch_size} ({world_size} ranks)")
+        if plain_client:  # one open S3 body (one pooled connection) per stream a loader process reads
+            common["client_factory"] = functools.partial(storage.make_s3_client, max_pool_connections=max(16, min(streams, len(shards)) + 2))
+        dataset = TrainStream(manifest, split, global_batch_size=global_batch_size, start_step=0, streams=streams,
+                              shuffle_buffer=shuffle_buffer, on_error=on_error, **common)
+    loader = ShardLoader(dataset, num_workers=num_workers, with_keys=with_keys, pin_memory=pin_memory,
+                         prefetch_factor=prefetch_factor, manifest=manifest, url=url)
+    if train:
+        loader.set_epoch(epoch, start_step)
+    return loader

@@ -32,6 +32,15 @@ test transforms for a whole batch of *encoded* images (``make_loader(..., decode
 ``device``: JPEG decoding with nvJPEG on CUDA (``torchvision.io.decode_jpeg(..., device="cuda")``),
 then crop, flip, lighting and normalisation as batched tensor ops, so two CPU cores per GPU only
 read shards. On ``device="cpu"`` the same code runs on the CPU (the fallback, and how it is tested).
+
+Per-sample randomness: a training loader's batches of encoded images (``make_loader(...,
+decode=False)``) are ``pipelines.loader.SeededImages``: a list with a ``seeds`` attribute (int64
+tensor, one seed per image, ``pipelines.order.sample_seed(seed, epoch, index)``). Called on such a
+list, ``BatchTransform`` draws each image's crop, flip and lighting, in that order, from its own
+``torch.Generator().manual_seed(seed)``: an image is augmented alike in any batch, on any world size
+and any number of loader processes, on the CPU and the GPU. Called on a plain list, it draws from
+its ``generator`` (or torch's global generator) as before. Per-image transforms (``make_transform``)
+draw from torch's global generator, which the loader seeds per sample.
 """
 
 from __future__ import annotations
@@ -170,8 +179,9 @@ class BatchTransform:
     Geometry as the per-image transform: train: shorter side random in ``scale_range``, a random
     ``size`` crop, flip; test: shorter side to ``resize``, centre ``size`` crop. Each image's crop box
     is mapped back to source pixels so that only the crop is resized (one ``resized_crop`` per
-    image, not a resize of the whole image and then a crop). Random draws come from ``generator``
-    on the CPU, so CPU and GPU runs of one seed crop alike.
+    image, not a resize of the whole image and then a crop). Random draws come from CPU generators
+    (each image's own, seeded from the batch's ``seeds``, or else ``generator``), so CPU and GPU runs
+    of one seed crop alike.
     """
 
     def __init__(
@@ -212,37 +222,54 @@ class BatchTransform:
                     out[i] = decode_image(blobs[i], mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
         return out
 
-    def _randint(self, low: int, high: int) -> int:
+    @staticmethod
+    def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
         """Uniform in [low, high] (inclusive)."""
-        return int(torch.randint(low, high + 1, (1,), generator=self.generator))
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
 
-    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(top, left, h, w) in source pixels of the crop that becomes the ``size`` x ``size`` view."""
-        s = self._randint(*self.scale_range) if self.train else self.resize
+    def box(self, height: int, width: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+        """(top, left, h, w) in source pixels of the crop that becomes the ``size`` x ``size`` view;
+        random draws from ``generator`` (default: the transform's)."""
+        g = generator or self.generator
+        s = self._randint(*self.scale_range, g) if self.train else self.resize
         f = s / min(height, width)  # scale factor of the (virtual) resize
         rh, rw = max(self.size, round(height * f)), max(self.size, round(width * f))
         if self.train:
-            top, left = self._randint(0, rh - self.size), self._randint(0, rw - self.size)
+            top, left = self._randint(0, rh - self.size, g), self._randint(0, rw - self.size, g)
         else:  # as v2.CenterCrop
             top, left = int(round((rh - self.size) / 2.0)), int(round((rw - self.size) / 2.0))
         h, w = min(height, max(1, round(self.size / f))), min(width, max(1, round(self.size / f)))
         return min(round(top / f), height - h), min(round(left / f), width - w), h, w
 
     def __call__(self, blobs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Encoded images -> float32 (B, 3, size, size) on ``device``, normalised."""
+        """Encoded images -> float32 (B, 3, size, size) on ``device``, normalised. With a ``seeds``
+        attribute on ``blobs`` (training loaders' ``SeededImages``), image i's draws come from a
+        generator seeded with ``seeds[i]`` (module docstring)."""
+        n = len(blobs)
+        if n == 0:  # a step whose samples were all skipped (make_loader(on_error="skip"))
+            return torch.zeros(0, 3, self.size, self.size, device=self.device)
         images = self.decode(blobs)
+        seeds = getattr(blobs, "seeds", None) if self.train else None
+        own = [torch.Generator().manual_seed(int(s)) for s in seeds.tolist()] if seeds is not None else None
         crops = [
-            TF.resized_crop(img, *self.box(img.shape[-2], img.shape[-1]), [self.size, self.size], antialias=True)
-            for img in images
+            TF.resized_crop(img, *self.box(img.shape[-2], img.shape[-1], own[i] if own else None), [self.size, self.size], antialias=True)
+            for i, img in enumerate(images)
         ]
         x = torch.stack(crops).float().div_(255)
-        n = len(crops)
         if self.train:
-            flip = (torch.rand(n, generator=self.generator) < 0.5).to(self.device, non_blocking=True)
-            x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+            if own:
+                flip = torch.cat([torch.rand(1, generator=g) for g in own]) < 0.5
+            else:
+                flip = torch.rand(n, generator=self.generator) < 0.5
+            x = torch.where(flip.to(self.device, non_blocking=True).view(n, 1, 1, 1), x.flip(-1), x)
             if self.lighting:  # per image: eigvec @ (alpha * eigval), alpha ~ N(0, lighting)
-                alpha = torch.randn(n, 3, generator=self.generator) * self.lighting
-                rgb = (alpha * self.eigval) @ self.eigvec.T
+                if own:
+                    alpha = torch.stack([torch.randn(3, generator=g) for g in own]) * self.lighting
+                else:
+                    alpha = torch.randn(n, 3, generator=self.generator) * self.lighting
+                w = alpha * self.eigval
+                # elementwise, not a matmul: an image's colour shift must not depend on its batch's size
+                rgb = w[:, 0:1] * self.eigvec[:, 0] + w[:, 1:2] * self.eigvec[:, 1] + w[:, 2:3] * self.eigvec[:, 2]
                 x += rgb.to(self.device, non_blocking=True).view(n, 3, 1, 1)
         return x.sub_(self.mean).div_(self.std)
 

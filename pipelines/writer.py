@@ -188,7 +188,7 @@ def _scan_shard(url: str, label_key: str, stats_images: int, client: Any | None)
     """One pass over a shard: size, sha256, per-sample labels, image sizes, pixel sums of the first
     ``stats_images`` images. A sample without an image or a label is an error naming it."""
     from pipelines.format import HashingReader, error_text, iter_tar, read_label
-    from pipelines.loader import IMAGE_FIELDS
+    from pipelines.reading import IMAGE_FIELDS
 
     stats = _ChannelStats()
     labels: list[int] = []

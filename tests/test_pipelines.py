@@ -181,24 +181,27 @@ def test_eval_reads_every_sample_once(digits_s3, no_hang):
     assert counts == lens and lens == [-(-len(k) // 32) for k in keys]
 
 
-@pytest.mark.parametrize("split_by", ["shard", "sample"])
-def test_exact_cover_by_shard_and_by_sample(tmp_path, split_by, no_hang):
+@pytest.mark.parametrize("split_by", ["shard", "sample", None])
+def test_exact_cover_by_shard_by_sample_and_in_training(tmp_path, split_by, no_hang):
     url = str(tmp_path)
     write_shards("synthetic:classes=4,size=8,train=96,val=0,format=png", url, shard_size=12, progress=False)
-    keys, counts, lens = epoch_keys(url, "train", 8, world_size=2, num_workers=2, split_by=split_by, seed=3)
+    # evaluation by shard or by sample; training (split_by None) covers the split too: 96 = 6 x 16
+    kw = {"shuffle": False, "split_by": split_by} if split_by else {}
+    keys, counts, lens = epoch_keys(url, "train", 8, world_size=2, num_workers=2, seed=3, **kw)
     assert counts == lens == [6, 6]
     assert sorted(keys[0] + keys[1]) == [f"train_{i:07d}" for i in range(96)]
+    with pytest.raises(ValueError, match="split_by='shard' is for evaluation"):
+        make_loader(url, "train", 8, split_by="shard")
 
 
-def test_short_rank_wraps_around_to_equal_batches(tmp_path, no_hang):
+def test_uneven_shards_give_every_rank_equal_steps_and_no_repeats(tmp_path, no_hang):
     url = str(tmp_path)
     write_shards("synthetic:classes=4,size=8,train=100,val=0,format=png", url, shard_size=30, progress=False)  # 30+30+30+10
-    keys, counts, lens = epoch_keys(url, "train", 10, world_size=2, num_workers=1, split_by="shard")
+    keys, counts, lens = epoch_keys(url, "train", 10, world_size=2, num_workers=1)
     assert counts == lens == [5, 5]
     per_rank = [Counter(k) for k in keys]
-    short = min(range(2), key=lambda r: len(per_rank[r]))
-    assert len(per_rank[short]) == 40 and max(per_rank[short].values()) == 2  # 40 owned, 10 repeated
-    assert max(per_rank[1 - short].values()) == 1
+    assert [len(c) for c in per_rank] == [50, 50] and max(max(c.values()) for c in per_rank) == 1
+    assert not set(per_rank[0]) & set(per_rank[1])  # every sample of the split once in the epoch
 
 
 def test_order_is_deterministic_per_seed_and_epoch(digits_local, no_hang):
@@ -243,7 +246,7 @@ def test_corrupt_image_is_counted_skipped_and_named(tmp_path, no_hang):
     loader = make_loader(out, "train", 5, num_workers=0, shuffle=False, transform=t, with_keys=True, on_error="skip")
     with pytest.raises(DataError, match=r"train-\d{6}\.tar: sample 'dog/broken': corrupt png"):
         list(loader)
-    # training under on_error="skip" keeps the promised batch count by filling from the wraparound, with workers too
+    # training under on_error="skip" keeps the promised batch count (one batch is a sample short), with workers too
     train = make_loader(out, "train", 5, num_workers=2, transform=t, on_error="skip")
     with pytest.warns(RuntimeWarning, match="dog/broken"):
         assert sum(1 for _ in train) == len(train) == 25 // 5
@@ -260,8 +263,10 @@ def test_out_of_range_label_is_an_error_or_skipped(tmp_path):
         list(make_loader(str(tmp_path), "train", 4, num_workers=0, shuffle=False))
     loader = make_loader(str(tmp_path), "train", 1, num_workers=0, with_keys=True, on_error="skip", shuffle_buffer=0)
     with pytest.warns(RuntimeWarning, match=r"sample 's3': label 7 outside \[0, 2\)"):
-        keys = [k for *_, batch in loader for k in batch]
-    assert len(keys) == 6 and set(keys) == {"s0", "s1", "s2", "s4", "s5"} and loader.skipped == 1
+        batches = [keys for *_, keys in loader]
+    # the step that held the bad sample is empty; the step count stays
+    assert len(batches) == len(loader) == 6 and sorted(len(b) for b in batches) == [0, 1, 1, 1, 1, 1]
+    assert {k for b in batches for k in b} == {"s0", "s1", "s2", "s4", "s5"} and loader.skipped == 1
 
 
 def test_truncated_tar_names_shard_and_does_not_hang(tmp_path, no_hang):
@@ -273,7 +278,7 @@ def test_truncated_tar_names_shard_and_does_not_hang(tmp_path, no_hang):
     loader = make_loader(url, "train", 5, num_workers=2, shuffle=False, with_keys=True)
     with pytest.raises(ManifestMismatchError, match=r"train-000001\.tar: shard disagrees with the manifest: 6 samples"):
         list(loader)
-    # under skip, training yields the promised batches, filling the lost shard from the wraparound
+    # under skip, training yields the promised batches, without the lost shard's samples
     train = make_loader(url, "train", 5, num_workers=2, on_error="skip")
     with pytest.warns(RuntimeWarning, match=r"train-000001\.tar: \d+ bytes, the manifest says \d+; whole shard skipped"):
         assert sum(1 for _ in train) == len(train) == 8

@@ -29,15 +29,16 @@ from PIL import Image
 from pipelines import (
     DataError,
     ManifestMismatchError,
+    TrainPlan,
     make_loader,
     make_s3_client,
-    plan_epoch,
+    plan_eval,
     read_manifest,
     s3_compat_env,
     storage,
     write_shards,
 )
-from pipelines.loader import _permute
+from pipelines.order import keyed_permutation
 from pipelines.shards import main as shards_cli
 from pipelines.sources import synthetic_pixels
 
@@ -107,7 +108,7 @@ def test_every_corruption_is_an_error_by_default_and_counted_under_skip(small, k
     victim = os.path.join(small, "train-000001.tar")
     key = corrupt(victim, kind)
     error, lost = KINDS[kind]
-    # the default, training order: the shuffle buffer holds the shard's samples, so the shard's own
+    # the default, training order: a stream holds a block of the shard's samples, so the shard's own
     # check (size, count, sha256) may speak before the sample is decoded; either error names the shard
     with pytest.raises((DataError, ManifestMismatchError), match=r"train-000001\.tar: "):
         list(make_loader(small, "train", 4, num_workers=0))
@@ -115,10 +116,11 @@ def test_every_corruption_is_an_error_by_default_and_counted_under_skip(small, k
     name = r"train-000001\.tar: " + (f"sample '{key}'" if error is DataError else "shard disagrees with the manifest")
     with pytest.raises(error, match=name):
         list(make_loader(small, "train", 4, num_workers=0, shuffle=False, on_error="skip"))
-    # skip: every promised batch still comes, and the loss is counted and named
+    # skip: every promised batch still comes, smaller by the samples lost, which are counted and named
     loader = make_loader(small, "train", 4, num_workers=0, on_error="skip")
     with pytest.warns(RuntimeWarning, match=r"train-000001\.tar"):
-        assert sum(len(labels) for _, labels in loader) == len(loader) * 4 == 24
+        sizes = [len(labels) for _, labels in loader]
+    assert len(sizes) == len(loader) == 6 and sum(sizes) == 24 - lost
     assert loader.skipped == lost, loader.errors
     assert all(e.shard == victim for e in loader.errors)
     if kind != "truncated":  # same length: the changed bytes are reported too
@@ -167,30 +169,34 @@ def test_evaluation_counts_against_the_manifest(tmp_path):
 
 @pytest.mark.parametrize("total", [1, 2, 7, 64, 1000, 4097])
 def test_permutation_is_a_bijection(total):
-    out = _permute(np.arange(total, dtype=np.uint64), total, (1, 2, 3, 4))
+    out = keyed_permutation(total, 12345)
     assert sorted(out.tolist()) == list(range(total))
     if total >= 64:
         assert (out != np.arange(total)).mean() > 0.9  # actually shuffled
+        assert not np.array_equal(out, keyed_permutation(total, 12346))  # another key, another order
 
 
-def test_sample_mode_plans_cover_exactly_and_cost_no_memory_per_sample():
+def test_sample_mode_eval_plans_cover_exactly():
     shards = [{"url": f"s{i}", "num_samples": n} for i, n in enumerate([5, 9, 1, 12, 3])]
-    for train in (True, False):
-        owned = np.zeros(30, int)
-        for rank in range(2):
-            for plan in plan_epoch(shards, rank=rank, world_size=2, num_workers=2, epoch=3, seed=1, train=train, batch_size=2, split_by="sample"):
-                masks = [plan.keep.mask(s["offset"], s["num_samples"]) for s in sorted(plan.shards, key=lambda s: s["offset"])]
-                owned += np.concatenate(masks)
-                assert int(np.concatenate(masks).sum()) == plan.available
-        assert owned.tolist() == [1] * 30  # each sample has exactly one slot
-    # 38M samples in 38,000 shards: the plan holds no per-sample array (it was 0.9 GB)
+    owned = np.zeros(30, int)
+    for rank in range(2):
+        for plan in plan_eval(shards, rank=rank, world_size=2, num_workers=2, split_by="sample"):
+            masks = [plan.keep.mask(s["offset"], s["num_samples"]) for s in sorted(plan.shards, key=lambda s: s["offset"])]
+            owned += np.concatenate(masks)
+            assert int(np.concatenate(masks).sum()) == plan.available
+    assert owned.tolist() == [1] * 30  # each sample has exactly one slot
+
+
+def test_training_plan_costs_no_memory_per_sample():
+    # 38M samples in 38,000 shards: the plan holds numbers per shard and per stream, none per sample
     big = [{"url": f"s3://b/train-{i:06d}.tar", "num_samples": 1000} for i in range(38_000)]
     tracemalloc.start()
-    plans = plan_epoch(big, rank=3, world_size=64, num_workers=8, epoch=0, seed=0, train=True, batch_size=256, split_by="sample")
+    plan = TrainPlan(big, seed=0, epoch=0, global_batch_size=256, shuffle_buffer=5000)
+    share = plan.step_samples(plan.steps - 1, rank=3, world_size=64)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 100 << 20, f"{peak / 2**20:.0f} MiB"
-    assert sum(p.available for p in plans) in (38_000_000 // 64, 38_000_000 // 64 + 1)
+    assert peak < 20 << 20, f"{peak / 2**20:.0f} MiB"
+    assert plan.steps == 38_000_000 // 256 and len(share) == 4 and ((0 <= share) & (share < 38_000_000)).all()
 
 
 def test_no_shard_is_stat_ed_per_epoch(small, monkeypatch):
