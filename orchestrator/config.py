@@ -42,7 +42,10 @@ class DataConfig:
     # "gpu": loader processes only read shards; JPEG decoding (nvJPEG) and the ImageNet train/test
     # crops run on the training device (the same code on CPU when there is no GPU). ImageNet kind only.
     decode_on: str = "cpu"
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples held for shuffling, across the run's readers (pipelines/order.py)
+    # The run's canonical readers (MosaicML streaming's num_canonical_nodes): the training order depends on
+    # it, never on the world size or the loader processes; world sizes that divide it read shards best.
+    streams: int = 64
     cache_dir: str = ""  # local shard cache for S3 ("" = stream without caching)
     # bad shards/samples in training: "raise" (an error naming shard and sample) or "skip" (counted,
     # logged as the metric skipped_samples and in the epoch line); evaluation always raises

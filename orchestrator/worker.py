@@ -33,6 +33,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,7 @@ class Run:
     lr: float = 0.0  # of the latest step
     epoch_walls: list = field(default_factory=list)  # wall seconds of this attempt's epochs, for the ETA
     epoch_started: float = field(default_factory=time.monotonic)
+    attempt: str = ""  # debug.trace_dir: this attempt's id
     # Device-side sums of this attempt's steps in the current epoch (no host sync per step).
     sums: list = field(default_factory=list)
 
@@ -246,7 +248,8 @@ def train_steps(run: Run, epoch: int) -> None:
     loader = pipelines.make_loader(
         cfg.data.url, cfg.data.train_split, global_batch_size=cfg.optim.batch_size, epoch=epoch,
         start_step=p.step_in_epoch, transform=run.train_tf, shuffle=True, shuffle_buffer=cfg.data.shuffle_buffer,
-        on_error=cfg.data.on_error, with_keys=bool(cfg.debug.trace_dir), **_loader_args(cfg, run.rank, run.world, run.device),
+        streams=cfg.data.streams, on_error=cfg.data.on_error, with_keys=bool(cfg.debug.trace_dir),
+        **_loader_args(cfg, run.rank, run.world, run.device),
     )
     steps_per_epoch = loader.steps_per_epoch
     run.model.train()  # evaluation left it in eval mode
@@ -345,8 +348,13 @@ def _trace(run: Run, epoch: int, keys: list) -> None:
     """Fault drills: which samples this rank trained at which step, one JSON line per step."""
     folder = Path(run.cfg.debug.trace_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    if not run.attempt:  # one id per attempt, the same on every rank (rank 0's)
+        box = [uuid.uuid4().hex[:12]]
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(box, src=0)
+        run.attempt = box[0]
     line = {"epoch": epoch, "step": run.progress.step_in_epoch - 1, "iteration": run.progress.step - 1,
-            "rank": run.rank, "world": run.world, "pid": os.getpid(), "keys": list(keys)}
+            "rank": run.rank, "world": run.world, "attempt": run.attempt, "keys": list(keys)}
     with open(folder / f"rank{run.rank}-{os.getpid()}.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
 

@@ -1,6 +1,6 @@
 """The production topology on one box, and the faults it must survive.
 
-One fixture for the whole module: two Ray nodes on loopback (1 CPU each, started as
+One fixture for the whole module: three Ray nodes on loopback (1 CPU each, started as
 `scripts/run.sh` starts one), an S3 server (moto's, over HTTP) holding the shards, the checkpoints
 and MLflow's artifacts, and an MLflow tracking server with S3 artifacts. Jobs go through
 `python -m orchestrator.submit`, i.e. `ray job submit --working-dir`. The nodes' environment holds
@@ -130,10 +130,11 @@ def topology(tmp_path_factory):
     state_file = base / "cluster.json"
     state = start(state_file, num_cpus=1, resources={"node_a": 1}, env=node_env)
     state = add_node(state_file, num_cpus=1, resources={"node_b": 1}, env=node_env)
+    state = add_node(state_file, num_cpus=1, resources={"node_c": 1}, env=node_env)  # the elastic drills' node
     # The driver's side: the user's shell with the same credentials, the cluster's dashboard address.
     driver_env = {**node_env, "RAY_ADDRESS": f"http://127.0.0.1:{state['dashboard_port']}", "RAY_AUTH_MODE": "token"}
     topo = {"base": base, "s3": s3, "s3c": s3c, "mlflow": mlflow_server, "state": state, "state_file": state_file,
-            "driver_env": driver_env, "endpoint": endpoint, "times": {}}
+            "driver_env": driver_env, "node_env": node_env, "endpoint": endpoint, "times": {}}
     yield topo
     stop(state_file)
     mlflow_server.stop()
@@ -397,6 +398,158 @@ def test_no_secret_leaves_the_nodes(topology):
         if obj["Size"] < 5_000_000 and needle in s3c.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read():
             found.append(f"s3://{BUCKET}/{obj['Key']}")  # run outputs, checkpoints and MLflow's text artifacts
     assert found == [], found
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastic training and preemption (node C, the third node, goes and comes back).
+
+
+def _raylet(topo, port: int) -> list:
+    return [p for p in cluster_processes(topo["state"]) if "raylet" in _cmdline(p).split(" ")[0]
+            and f"--node_manager_port={port}" in _cmdline(p)]
+
+
+def _kill_node(topo, port: int) -> None:
+    """SIGKILL a node's raylet and its children: a machine that is gone (Ray does not kill drained nodes)."""
+    procs = _raylet(topo, port)
+    assert procs, f"no raylet on port {port}"
+    for p in procs:
+        for child in p.children(recursive=True):
+            child.send_signal(signal.SIGKILL)
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _node_c_back(topo) -> int:
+    """Node C again (a replacement machine, with a new node id); returns its raylet's port."""
+    state = add_node(topo["state_file"], num_cpus=1, resources={"node_c": 1}, env=topo["node_env"])
+    topo["state"] = state
+    return state["node_manager_ports"][-1]
+
+
+def _node_c_id(topo) -> str:
+    from ray.util.state import list_nodes
+
+    enable_token_auth()  # a client of the cluster, as `ray list nodes` is
+    nodes = list_nodes(address=topo["driver_env"]["RAY_ADDRESS"], detail=True, limit=100)
+    return next(n.node_id for n in nodes if n.state == "ALIVE" and "node_c" in (n.resources_total or {}))
+
+
+def elastic_args(name: str, trace: Path, epochs: int, *extra: str) -> list[str]:
+    return [*train_args(name, epochs, "scaling.num_workers=[2, 3]", "scaling.resize_interval_s=5",
+                        "optim.batch_size=60", f"debug.trace_dir={trace}", *extra)]
+
+
+def _log_of(job) -> str:
+    return job.log.read_text(errors="replace")
+
+
+def _traces(trace: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(trace.glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def _check_every_sample_trained(topo, trace: Path, epochs: int, batch: int) -> tuple[int, set]:
+    """Every planned sample of every epoch was trained, whatever the world size of the attempt that trained
+    it; returns (steps trained more than once, the world sizes that trained)."""
+    from pipelines import make_loader
+    from pipelines.order import TrainPlan
+
+    saved = dict(os.environ)
+    os.environ.update({"AWS_ENDPOINT_URL": topo["endpoint"], "AWS_ACCESS_KEY_ID": "topology",
+                       "AWS_SECRET_ACCESS_KEY": SENTINEL, "AWS_DEFAULT_REGION": "us-east-1"})
+    try:  # the key of each sample index of the split (evaluation order is manifest order)
+        keys = [k for *_, ks in make_loader(f"s3://{BUCKET}/digits", "train", 64, shuffle=False, num_workers=0,
+                                            with_keys=True) for k in ks]
+        shards = make_loader(f"s3://{BUCKET}/digits", "train", 64, shuffle=False, num_workers=0).manifest["splits"]["train"]["shards"]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    lines = _traces(trace)
+    by_step: dict = {}
+    for line in lines:
+        by_step.setdefault((line["epoch"], line["step"]), {}).setdefault(line["attempt"], set()).update(line["keys"])
+    redone = 0
+    for epoch in range(epochs):
+        plan = TrainPlan(shards, seed=0, epoch=epoch, global_batch_size=batch, shuffle_buffer=1000)
+        for step in range(plan.steps):
+            attempts = by_step.get((epoch, step), {})
+            assert attempts, f"epoch {epoch} step {step} was never trained"
+            planned = {keys[i] for i in plan.step_samples(step)}
+            for got in attempts.values():
+                assert got == planned, (epoch, step)
+            redone += len(attempts) - 1
+    return redone, {line["world"] for line in lines}
+
+
+def test_an_elastic_run_shrinks_when_a_node_dies_and_grows_when_it_returns(topology):
+    """3 nodes of 1 CPU, scaling.num_workers=[2, 3]: node C's raylet is SIGKILLed mid-epoch, then a node
+    C comes back. The run goes on with 2 workers from its last checkpoint, grows back to 3 at Ray's next
+    resize check, and FINISHES; every sample of every epoch was trained (the order is the run's, not the
+    cluster's), each epoch is in MLflow once."""
+    name, epochs, trace = "elastic", 10, topology["base"] / "trace-elastic"
+    t0 = time.monotonic()
+    job = Job(topology, elastic_args(name, trace, epochs, "checkpoint.every_steps=10"))
+    wait_for(lambda: "world size 3 at iteration 0" in _log_of(job), 300, "three workers")
+    wait_for(lambda: any(k.split("/")[-2].startswith("step_") for k in _checkpoint_keys(topology, name)), 300,
+             "a checkpoint between epochs")
+    killed_at = time.monotonic()
+    _kill_node(topology, topology["state"]["node_manager_ports"][2])
+    wait_for(lambda: "world size 3 -> 2" in _log_of(job), 300, "the run to go on with two workers")
+    shrunk = time.monotonic() - killed_at
+    _node_c_back(topology)
+    rc, log = job.wait(timeout=900)
+    assert rc == 0, log[-3000:]
+    assert "world size 2 -> 3" in log, log[-3000:]
+    check_finished(topology, name, epochs)
+    client, run = the_run(topology, name)
+    sizes = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "world_size"), key=lambda m: m.step)]
+    assert sizes == [3, 2, 3], sizes
+    redone, worlds = _check_every_sample_trained(topology, trace, epochs, 60)
+    assert worlds == {2, 3}, worlds
+    resumes = [line.split("resume from ")[1] for line in log.splitlines() if "resume from" in line]
+    topology["times"]["elastic 3 -> 2 -> 3"] = (
+        f"finished, {time.monotonic() - t0:.0f} s; 2 workers {shrunk:.0f} s after the kill; {redone} steps redone; "
+        f"resumed from: {'; '.join(r.split(' on ')[0] for r in resumes)}; world_size by iteration: "
+        f"{run.data.tags.get('world_size_by_iteration')}")
+
+
+def test_a_preempted_node_gets_a_checkpoint_before_its_deadline_and_the_run_resumes_from_it(topology):
+    """`ray drain-node` with DRAIN_NODE_REASON_PREEMPTION and a 30 s deadline on node C; at the deadline
+    the node is killed. Every rank checkpoints at its next poll (only the last epoch checkpoints
+    otherwise), the run resumes from that checkpoint on the nodes left and FINISHES."""
+    name, epochs, trace = "preempted", 10, topology["base"] / "trace-preempted"
+    t0 = time.monotonic()
+    job = Job(topology, elastic_args(name, trace, epochs, f"checkpoint.every_epochs={epochs}",
+                                     "checkpoint.preemption_poll_steps=2"))
+    wait_for(lambda: "world size 3 at iteration 0" in _log_of(job), 300, "three workers")
+    wait_for(lambda: "epoch 1/" in _log_of(job), 300, "the first epoch")
+    port = topology["state"]["node_manager_ports"][-1]
+    node = _node_c_id(topology)
+    drain = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "drain-node", "--address", topology["state"]["gcs_address"],
+         "--node-id", node, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim drill",
+         "--deadline-remaining-seconds", "30"],
+        env={**topology["driver_env"], "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, capture_output=True, text=True, timeout=60)
+    drained = time.monotonic()
+    assert drain.returncode == 0, drain.stderr[-2000:]
+    wait_for(lambda: "will be preempted" in _log_of(job), 60, "the preemption notice")
+    notice = next(line for line in _log_of(job).splitlines() if "will be preempted" in line)
+    jit = int(notice.split("checkpoint at iteration ")[1].split()[0])
+    wait_for(lambda: any(f"step_{jit:08d}" in k for k in _checkpoint_keys(topology, name)), 30, "the checkpoint")
+    committed = time.monotonic() - drained
+    time.sleep(max(0.0, 30 - (time.monotonic() - drained)))
+    _kill_node(topology, port)
+    rc, log = job.wait(timeout=900)
+    assert rc == 0, log[-3000:]
+    assert committed < 30, "checkpointed before the deadline"
+    resume = next(line for line in log.splitlines() if "resume from" in line)
+    assert f"(iteration {jit})" in resume and f"step_{jit:08d}" in resume, resume
+    assert "world size 3 -> 2" in log, log[-3000:]
+    check_finished(topology, name, epochs)
+    lost = len({(t["epoch"], t["step"]) for t in _traces(trace) if t["iteration"] >= jit and t["world"] == 3})
+    topology["times"]["preemption (30 s drain)"] = (
+        f"finished, {time.monotonic() - t0:.0f} s; checkpoint at iteration {jit}, committed {committed:.0f} s after "
+        f"the drain; resumed from it on 2 workers; {lost} steps trained after it on 3 workers were redone")
 
 
 def test_a_lost_node_fails_after_a_bounded_wait(topology):
