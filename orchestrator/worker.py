@@ -118,7 +118,11 @@ class Run:
     poll_every: int = 0  # steps between polls; 0 until the ranks agreed on it
     started: float = field(default_factory=time.monotonic)
     last_checkpoint: float = field(default_factory=time.monotonic)
-    preemptions_seen: set = field(default_factory=set)
+    preemptions: dict = field(default_factory=dict)  # drained node ids -> "first" / "last" checkpoint taken
+    last_poll: float = 0.0
+    poll_seconds: float = POLL_TARGET_S  # measured between polls
+    checkpoint_seconds: float = 1.0  # the latest checkpoint's wall time (report and commit)
+    clock: float = 0.0  # when the training time of the epoch was last added up
     step_times: list = field(default_factory=list)
     last_tick: float = 0.0
     lr: float = 0.0  # of the latest step
@@ -254,7 +258,7 @@ def train_steps(run: Run, epoch: int) -> None:
     steps_per_epoch = loader.steps_per_epoch
     run.model.train()  # evaluation left it in eval mode
     run.sums = [torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0]
-    t0 = time.perf_counter()
+    run.clock = time.perf_counter()
     for batch in loader:
         images, labels = batch[0], batch[1]
         if run.train_btf is not None:
@@ -278,12 +282,12 @@ def train_steps(run: Run, epoch: int) -> None:
             p.done = True  # v1 CIFAR: stop at 64k iterations, not at a whole number of epochs
             break
         if p.step_in_epoch < steps_per_epoch:  # the epoch's end has its own report
-            _between_steps(run, t0)
-    p.partial["seconds"] += time.perf_counter() - t0
+            _between_steps(run)
+    p.partial["seconds"] += time.perf_counter() - run.clock
     p.partial["skipped"] += float(getattr(loader, "skipped", 0))
 
 
-def _between_steps(run: Run, t0: float) -> None:
+def _between_steps(run: Run) -> None:
     """Checkpoints between epochs: every `every_steps` steps, at a preemption notice, and on the clock."""
     cfg, p = run.cfg, run.progress
     now = time.perf_counter()
@@ -296,21 +300,42 @@ def _between_steps(run: Run, t0: float) -> None:
     reason = "every_steps" if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0 else ""
     if run.poll_every and p.step % run.poll_every == 0:
         info = ray.train.get_preemption_info()  # a barrier: every rank calls it at this step
-        if info is not None and frozenset(info.preempted_node_ids) not in run.preemptions_seen:
-            run.preemptions_seen.add(frozenset(info.preempted_node_ids))
-            left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else float("nan")
-            if run.rank == 0:
-                say(f"[{run.label}] node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} will be preempted "
-                    f"in {left:.0f} s (ranks {info.preempted_ranks}): checkpoint at iteration {p.step}")
+        if info is not None and _preemption_checkpoint_due(run, info):
             reason = "preemption"
+        if run.last_poll:
+            run.poll_seconds = now - run.last_poll
+        run.last_poll = now
         due = cfg.checkpoint.every_minutes and time.monotonic() - run.last_checkpoint >= 60 * cfg.checkpoint.every_minutes
         if not reason and cfg.checkpoint.every_minutes and _all_max(float(bool(due and run.rank == 0)), run.device):
             reason = "every_minutes"
     if reason:
-        p.partial["seconds"] += time.perf_counter() - t0
+        p.partial["seconds"] += time.perf_counter() - run.clock
         checkpoint_report(run, kind=reason)
-        # The sums so far went into the checkpoint: start this attempt's sums afresh, keep the clock.
-        run.sums = [torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0]
+        run.clock = time.perf_counter()  # the checkpoint's own time is not training time
+
+
+def _preemption_checkpoint_due(run: Run, info) -> bool:
+    """A node is being drained: checkpoint at the first poll that sees it, and once more at the last poll
+    that still leaves time for a checkpoint before the deadline (the steps between the two are not lost).
+    Rank 0's clock decides; the others follow (one all-reduce)."""
+    key = frozenset(info.preempted_node_ids)
+    left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else float("nan")
+    if key not in run.preemptions:
+        run.preemptions[key] = "first"
+        if run.rank == 0:
+            say(f"[{run.label}] node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} will be preempted "
+                f"in {left:.0f} s (ranks {info.preempted_ranks}): checkpoint at iteration {run.progress.step}")
+        return True
+    if run.preemptions[key] != "first" or not info.deadline_ms:
+        return False
+    # Too late at the next poll? A checkpoint takes about as long as the first one did.
+    late = left < 2 * run.checkpoint_seconds + 1.5 * run.poll_seconds + 1.0
+    if not _all_max(float(late and run.rank == 0), run.device):
+        return False
+    run.preemptions[key] = "last"
+    if run.rank == 0:
+        say(f"[{run.label}] {left:.0f} s before the preemption deadline: checkpoint at iteration {run.progress.step}")
+    return True
 
 
 def _all_max(value: float, device) -> float:
@@ -368,6 +393,7 @@ def checkpoint_report(run: Run, kind: str, metrics: dict | None = None) -> None:
     rank calls it). Rank 0 writes the one copy of the state; Ray uploads it, in the background except
     when a node is about to go or the run ends."""
     p = run.progress
+    started = time.monotonic()
     # At most one checkpoint in flight: Ray's controller registers one report per poll (2 s), so
     # checkpoints taken faster than that would queue up behind uploads and a failure would resume from
     # far back. Waiting for the previous one costs nothing when checkpoints are minutes apart.
@@ -406,6 +432,7 @@ def checkpoint_report(run: Run, kind: str, metrics: dict | None = None) -> None:
     if kind == "preemption":  # the node may go any moment: go on only once Ray has committed it
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
     run.last_checkpoint = time.monotonic()
+    run.checkpoint_seconds = run.last_checkpoint - started
 
 
 # ---------------------------------------------------------------------------------------------

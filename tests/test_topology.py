@@ -515,8 +515,9 @@ def test_an_elastic_run_shrinks_when_a_node_dies_and_grows_when_it_returns(topol
 
 def test_a_preempted_node_gets_a_checkpoint_before_its_deadline_and_the_run_resumes_from_it(topology):
     """`ray drain-node` with DRAIN_NODE_REASON_PREEMPTION and a 30 s deadline on node C; at the deadline
-    the node is killed. Every rank checkpoints at its next poll (only the last epoch checkpoints
-    otherwise), the run resumes from that checkpoint on the nodes left and FINISHES."""
+    the node is killed. Every rank checkpoints at its next poll, and once more at the last poll that leaves
+    time before the deadline (only the last epoch checkpoints otherwise); the run resumes from the last of
+    them on the nodes left and FINISHES."""
     name, epochs, trace = "preempted", 10, topology["base"] / "trace-preempted"
     t0 = time.monotonic()
     job = Job(topology, elastic_args(name, trace, epochs, f"checkpoint.every_epochs={epochs}",
@@ -538,18 +539,21 @@ def test_a_preempted_node_gets_a_checkpoint_before_its_deadline_and_the_run_resu
     wait_for(lambda: any(f"step_{jit:08d}" in k for k in _checkpoint_keys(topology, name)), 30, "the checkpoint")
     committed = time.monotonic() - drained
     time.sleep(max(0.0, 30 - (time.monotonic() - drained)))
+    before_kill = {k.split("/")[-2] for k in _checkpoint_keys(topology, name)}
     _kill_node(topology, port)
     rc, log = job.wait(timeout=900)
     assert rc == 0, log[-3000:]
     assert committed < 30, "checkpointed before the deadline"
     resume = next(line for line in log.splitlines() if "resume from" in line)
-    assert f"(iteration {jit})" in resume and f"step_{jit:08d}" in resume, resume
+    resumed_at = int(resume.split("(iteration ")[1].split(")")[0])
+    assert resumed_at >= jit and f"step_{resumed_at:08d}" in before_kill, (resume, sorted(before_kill))
     assert "world size 3 -> 2" in log, log[-3000:]
     check_finished(topology, name, epochs)
-    lost = len({(t["epoch"], t["step"]) for t in _traces(trace) if t["iteration"] >= jit and t["world"] == 3})
+    lost = len({(t["epoch"], t["step"]) for t in _traces(trace) if t["iteration"] >= resumed_at and t["world"] == 3})
     topology["times"]["preemption (30 s drain)"] = (
-        f"finished, {time.monotonic() - t0:.0f} s; checkpoint at iteration {jit}, committed {committed:.0f} s after "
-        f"the drain; resumed from it on 2 workers; {lost} steps trained after it on 3 workers were redone")
+        f"finished, {time.monotonic() - t0:.0f} s; checkpoints at iteration {jit} ({committed:.0f} s after the drain) "
+        f"and {resumed_at} (the last before the deadline); resumed from iteration {resumed_at} on 2 workers; "
+        f"{lost} steps trained after it on 3 workers were redone")
 
 
 def test_a_lost_node_fails_after_a_bounded_wait(topology):
