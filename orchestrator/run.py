@@ -16,11 +16,10 @@ from .config import ConfigError
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "train": ("orchestrator.commands.train", "train one network of the zoo with a recipe from orchestrator/configs/"),
+    "train": ("orchestrator.commands.train", "train one network of the zoo with a recipe from orchestrator/configs/recipes/"),
     "ablate": ("orchestrator.commands.ablate", "run one of the papers' ablation studies as Ray Tune trials"),
     "ensemble": ("orchestrator.commands.ensemble", "train, evaluate, register and batch-evaluate a ResNet ensemble"),
     "evaluate": ("orchestrator.commands.evaluate", "batch-evaluate a registered model on a data split, on the cluster"),
-    "bench": ("orchestrator.commands.bench", "measure model, loader and end-to-end training throughput (and MFU)"),
 }
 
 
@@ -91,8 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     os.environ.setdefault("ORCHESTRATOR_COMMAND", "python -m orchestrator.run " + " ".join(argv[:1]))
+    return run_command(args.func, args)
+
+
+def run_command(func, args) -> int:
+    """`func(args)` with the commands' error contract: bad input or an impossible request is one line
+    (`error: ...`) and exit code 2, a training that failed on the cluster one line and exit code 1."""
     try:
-        return args.func(args)
+        return func(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
