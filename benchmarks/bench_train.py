@@ -126,6 +126,7 @@ def recipe(args: argparse.Namespace, url: str, size: int, batch: int, gpu: bool,
 
 
 if __name__ == "__main__":
-    from orchestrator.run import run_command
+    from orchestrator.run import command_environment, run_command
 
+    command_environment()
     sys.exit(run_command(main, parser().parse_args()))

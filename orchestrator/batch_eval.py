@@ -311,25 +311,29 @@ def check_classes(meta: dict, manifest: dict, data_url: str) -> None:
         )
 
 
+def predictions(keys: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, list]:
+    """The predictions' columns: key, label, top-5 classes (the first is the prediction), probabilities."""
+    probs = probs.astype(np.float32)
+    top5 = np.argsort(-probs, axis=1)[:, : min(5, probs.shape[1])].astype(np.int32)
+    return {"key": list(keys), "label": labels.astype(np.int32), "prediction": top5[:, 0], "top5": list(top5),
+            "probabilities": list(probs)}
+
+
 def write_predictions(scores: Scores, url: str) -> str:
-    """key, label, top-5 classes and probabilities per sample, as one Parquet file at `url`."""
+    """The predictions (`predictions`) of every sample, as one Parquet file at `url`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .cluster import storage_for_ray
 
-    probs = scores.probs.astype(np.float32)
-    k = min(5, probs.shape[1])
-    top5 = np.argsort(-probs, axis=1)[:, :k].astype(np.int32)
-    table = pa.table(
-        {
-            "key": pa.array(scores.keys, pa.string()),
-            "label": pa.array(scores.labels.astype(np.int32)),
-            "prediction": pa.array(top5[:, 0]),
-            "top5": pa.array(list(top5), pa.list_(pa.int32())),
-            "probabilities": pa.array(list(probs), pa.list_(pa.float32())),
-        }
-    )
+    columns = predictions(scores.keys, scores.labels, scores.probs)
+    table = pa.table({
+        "key": pa.array(columns["key"], pa.string()),
+        "label": pa.array(columns["label"]),
+        "prediction": pa.array(columns["prediction"]),
+        "top5": pa.array(columns["top5"], pa.list_(pa.int32())),
+        "probabilities": pa.array(columns["probabilities"], pa.list_(pa.float32())),
+    })
     path, fs = storage_for_ray(url)
     if fs is None:
         os.makedirs(os.path.dirname(path), exist_ok=True)

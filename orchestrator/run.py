@@ -43,10 +43,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_environment() -> None:
-    """Before Ray is imported: every worker's epoch line must reach the console. Ray's log
-    deduplication folds lines that look alike across workers (it swallowed epoch lines), and no
-    warning should reach a user that they cannot act on."""
+def command_environment() -> None:
+    """Before Ray is imported (by every command, and by the scripts in benchmarks/): every worker's epoch
+    line must reach the console, a local cluster stays on loopback, and no warning should reach a user
+    that they cannot act on. Ray's log deduplication folds lines that look alike across workers (it
+    swallowed epoch lines)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     address = os.environ.get("RAY_ADDRESS", "")
     if not address or address.split("://")[-1].startswith(("127.0.0.1", "localhost")):
@@ -85,7 +86,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _quiet_environment()
+    command_environment()
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
