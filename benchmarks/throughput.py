@@ -109,7 +109,9 @@ def setup_worker(cfg: TrainConfig, device: torch.device) -> None:
     """Per process: cuDNN autotuning on GPU; on CPU the model's threads are the worker's cores less its
     loader processes (OpenMP threads that share cores with the loader spin and stall each other)."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        from torch.backends import cudnn  # here, not a global: Ray pickles this module's code by value
+
+        cudnn.benchmark = True
     else:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker) - cfg.data.num_workers))
 
@@ -293,6 +295,7 @@ def _ray_loop(config: dict) -> None:
 
 def ray_train_rate(spec: BenchSpec) -> float:
     """The same loop under Ray Train's TorchTrainer (which sets up the process group: gloo or NCCL)."""
+    from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
@@ -302,6 +305,8 @@ def ray_train_rate(spec: BenchSpec) -> float:
 
     cfg = spec.cfg
     preflight(workers=[Workers.of(cfg, "the Ray Train benchmark")])
+    # This module is a script's sibling, not an installed package: the workers get its code by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     with tempfile.TemporaryDirectory() as storage:
         trainer = TorchTrainer(
             _ray_loop,
