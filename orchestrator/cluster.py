@@ -65,6 +65,7 @@ FORWARDED_ENV = (
     "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_REQUEST_CHECKSUM_CALCULATION",
     "AWS_RESPONSE_CHECKSUM_VALIDATION", "AWS_S3_ADDRESSING_STYLE", "MLFLOW_TRACKING_URI",
     "ORCHESTRATOR_GIT_COMMIT", "ORCHESTRATOR_USER", CWD_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+    "PIPELINES_S3_RETRY_SECONDS",  # the one S3 retry budget (pipelines/storage.py)
 )
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
               "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME")
@@ -207,41 +208,13 @@ def storage_url(url: str) -> str:
     return user_path(url, "storage")
 
 
-S3_ATTEMPTS = int(os.environ.get("ORCHESTRATOR_S3_ATTEMPTS", "15"))
-
-
-def s3_filesystem(kwargs: dict):
-    """pyarrow's S3 filesystem with retries that survive the trip to Ray's controller and workers:
-    pyarrow pickles every option but the retry strategy, so the copies Ray unpickles fell back to 3
-    attempts (measured: a 30 s outage failed the checkpoint-manager snapshot upload)."""
-    import pyarrow.fs
-
-    class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
-        def __reduce__(self):
-            return (s3_filesystem, (kwargs,))
-
-    return RetryingS3FileSystem(**kwargs, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
-
-
 def storage_for_ray(url: str):
     """(storage_path, storage_filesystem) for Ray's RunConfig: local folders become absolute paths;
-    s3:// URLs get an explicit S3 filesystem that honours AWS_ENDPOINT_URL (MinIO, moto, ...)."""
-    parsed = urlparse(url)
-    if parsed.scheme == "s3":
+    s3:// URLs get pipelines.storage's S3 filesystem (endpoint, region, retries: the one S3 stack)."""
+    from pipelines.storage import arrow_filesystem, is_s3
 
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {}
-        if endpoint:
-            ep = urlparse(endpoint)
-            kwargs = {"endpoint_override": ep.netloc or ep.path, "scheme": ep.scheme or "https"}
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        if region:
-            kwargs["region"] = region
-        # Retries sized to real outages: the SDK's standard strategy (exponential backoff with jitter,
-        # capped at 20 s) over 15 attempts (about a minute on average, at most about two) rides out an S3 endpoint that is gone for 30 s; the default 3
-        # attempts gave up within a second and cost a worker-group restart, or failed a finished run.
-        fs = s3_filesystem(kwargs)
-        return f"{parsed.netloc}{parsed.path}".rstrip("/"), fs
-    if parsed.scheme not in ("", "file"):
+    if is_s3(url):
+        return arrow_filesystem(url)
+    if urlparse(url).scheme not in ("", "file"):
         raise ValueError(f"storage URL {url!r}: use a local folder or s3://bucket/prefix")
     return user_path(url, "storage"), None

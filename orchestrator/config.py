@@ -1,7 +1,17 @@
-"""The typed training config: YAML files plus dotted command-line overrides, validated.
+"""Every kind of config file, typed: YAML files plus dotted command-line overrides, validated by one mechanism.
 
-Unknown keys and wrong types are errors that name the key. Derived values (per-worker batch, the
-learning rate scaled to the global batch) are computed in one place, `derived()`, and logged.
+Three kinds, one folder each under orchestrator/configs/, every file found by its bare name too:
+recipes (`TrainConfig`: one training run), studies (`StudyConfig`: an ablation study of the papers) and
+ensembles (`EnsembleConfig`). Each kind is a `Schema`: a tree of dataclasses (typed keys, defaults,
+comments), the closed choices of its keys, and a `finish` function that checks the rules spanning
+keys and computes derived values, in one place. Unknown keys, wrong types and values outside their
+choices are errors that name the key and what is valid. A training run's derived values (per-worker
+batch, the learning rate scaled to the global batch) are `derived()`, logged with the run.
+
+Dataclasses rather than pydantic: the schemas stay plain standard-library classes that any module (and
+Ray's pickling) handles without a dependency whose major version Ray decides, and the checks with their
+messages are the ~60 lines of `from_dict` below. The module is over 500 lines because every kind's
+schema is here, so that one file lists every key of every config file.
 """
 
 from __future__ import annotations
@@ -156,51 +166,77 @@ CHOICES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Building a dataclass from nested dicts, with type checks.
+# The mechanism, for every kind of config: a dataclass tree built from nested dicts, each value
+# checked against its type hint, each closed choice against its list. `choices` maps a dotted key
+# to its valid values (a tuple, or a function that returns one, for lists that live in modules too
+# heavy to import for --help); in a key, `[]` stands for any list item and `*` for any mapping key
+# (`scales.*.rows[].model`).
 
 
-def _check_type(key: str, value, hint):
+def _choices_of(choices: dict, pattern: str) -> tuple | None:
+    valid = choices.get(pattern)
+    return valid() if callable(valid) else valid
+
+
+def _check_choice(key: str, value, valid: tuple) -> None:
+    for v in value if isinstance(value, list) else [value]:
+        if v not in valid:
+            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, valid))}")
+
+
+def _check_type(key: str, value, hint, pattern: str = "", choices: dict | None = None):
     origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool):
         if type(value) is not hint:
             raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
         return value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".", choices, pattern + ".")
     if hint in (list, dict) or origin in (list, dict):
         expected = origin or hint
         if not isinstance(value, expected):
             raise ConfigError(f"{key}: expected a {expected.__name__}, got {value!r}")
+        if origin is list and args:  # list[X]: every item an X
+            return [_check_type(f"{key}[{i}]", v, args[0], pattern + "[]", choices) for i, v in enumerate(value)]
+        if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):  # dict[str, Schema]
+            return {k: _check_type(f"{key}.{k}", v, args[1], pattern + ".*", choices) for k, v in value.items()}
         return value
     if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(hint):
+        if value is None and type(None) in args:
+            return None
+        for arm in args:
             try:
-                return _check_type(key, value, arm)
+                return _check_type(key, value, arm, pattern, choices)
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: {value!r} does not fit {hint}")
     return value
 
 
-def from_dict(cls, data: dict, prefix: str = ""):
+def from_dict(cls, data: dict, prefix: str = "", choices: dict | None = None, pattern: str | None = None):
+    """`cls` built from the mapping `data`: unknown keys and wrong types are errors naming the key and the
+    valid keys or choices. `choices`: the closed choices of the kind (default: the kind whose root is `cls`)."""
+    if choices is None:
+        choices = next((s.choices for s in SCHEMAS.values() if s.root is cls), {})
+    pattern = prefix if pattern is None else pattern
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
     if unknown:
         where = f" in {prefix.rstrip('.')}" if prefix else ""
         raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}{where}; valid: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
         key = prefix + name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, key + ".")
-        else:
-            kwargs[name] = _check_type(key, value, hint)
-            if key in CHOICES and kwargs[name] not in CHOICES[key]:
-                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+        kwargs[name] = _check_type(key, value, hints[name], pattern + name, choices)
+        valid = _choices_of(choices, pattern + name)
+        if valid is not None:
+            _check_choice(key, kwargs[name], valid)
     return cls(**kwargs)
 
 
@@ -232,34 +268,71 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_yaml(path: str | Path) -> dict:
+# Where each kind's files live, under orchestrator/configs/. A bare name (`digits_resnet20.yaml`) or a
+# path that does not exist is looked up by its file name in its kind's folder.
+FOLDERS = {"recipe": "recipes", "study": "studies", "ensemble": "ensembles"}
+
+
+def list_configs(kind: str) -> list[str]:
+    return sorted(p.name for p in (CONFIG_DIR / FOLDERS[kind]).glob("*.yaml"))
+
+
+def find_config(path: str | Path, kind: str) -> Path:
+    """The file at `path`, or the bundled `kind` config of that file name."""
     path = Path(path)
-    if not path.exists():
-        alt = CONFIG_DIR / path.name
-        if alt.exists():
-            path = alt
-        else:
-            known = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
-            raise ConfigError(f"config file {str(path)!r} not found; bundled configs: {known}")
+    if path.exists():
+        return path
+    bundled = CONFIG_DIR / FOLDERS[kind] / path.name
+    if bundled.exists():
+        return bundled
+    other = next((k for k in FOLDERS if (CONFIG_DIR / FOLDERS[k] / path.name).exists()), None)
+    if other:
+        raise ConfigError(f"{path.name} is one of the {other} configs (orchestrator/configs/{FOLDERS[other]}/), not of "
+                          f"the {kind} configs: {', '.join(list_configs(kind))}")
+    raise ConfigError(f"config file {str(path)!r} not found; bundled {kind} configs: {', '.join(list_configs(kind))}")
+
+
+def load_yaml(path: str | Path, kind: str = "recipe") -> dict:
+    path = find_config(path, kind)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    data = load_yaml(path) if path else {}
+@dataclass(frozen=True)
+class Schema:
+    """One kind of config file: its root dataclass (typed keys, defaults, comments), the closed choices of
+    its keys, and `finish`, which checks the rules that span keys and computes derived values, once."""
+
+    root: type
+    choices: dict
+    finish: typing.Callable
+
+
+def load_config(kind: str, path: str | Path | None, overrides: list[str] = ()):
+    """A `kind` config (recipe, study, ensemble) from its file (none: the defaults) and dotted overrides."""
+    schema = SCHEMAS[kind]
+    data = load_yaml(path, kind) if path else {}
     data.pop("command", None)  # configs may record their command; it is documentation
-    cfg = from_dict(TrainConfig, apply_overrides(data, list(overrides)))
-    validate(cfg)
-    # Workers and Tune trials run in other working directories: pin local data paths now.
-    if "://" not in cfg.data.url:
-        cfg.data.url = str(Path(cfg.data.url).expanduser().resolve())
+    cfg = from_dict(schema.root, apply_overrides(data, list(overrides)), choices=schema.choices)
+    schema.finish(cfg)
     return cfg
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    return load_config("recipe", path, overrides)
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def finish_train(cfg: TrainConfig) -> None:
+    validate(cfg)
+    # Workers and Tune trials run in other working directories: pin local data paths now.
+    if "://" not in cfg.data.url:
+        cfg.data.url = str(Path(cfg.data.url).expanduser().resolve())
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -353,3 +426,203 @@ def flatten(data: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensemble configs (orchestrator/configs/ensembles/): `python -m orchestrator.run ensemble`.
+
+
+def protocols() -> tuple[str, ...]:
+    """The test protocols: one list, `pipelines.transforms.PROTOCOLS` (imported only when a config names one)."""
+    from pipelines.transforms import PROTOCOLS
+
+    return PROTOCOLS
+
+
+@dataclass
+class MemberSpec:
+    label: str = ""  # unique; default: the model name (or member<i>)
+    model: str = ""  # registry name; for `mlflow_run` members it is read from the run
+    overrides: dict = field(default_factory=dict)  # models.create_model overrides
+    train: list = field(default_factory=list)  # dotted training overrides for this member (e.g. seed=1)
+    checkpoint: str = ""  # bring your own weights: our checkpoint.pt or a (torchvision-layout) state_dict
+    mlflow_run: str = ""  # a member trained earlier: its MLflow run id
+
+
+@dataclass
+class EvaluationConfig:
+    split: str = "val"
+    protocol: str = "center"  # one of protocols() (the data kind must support it)
+    batch_size: int = 128
+
+
+@dataclass
+class RegistryConfig:
+    alias: str = "champion"
+
+
+@dataclass
+class BatchEvalConfig:
+    split: str = "test"
+
+
+@dataclass
+class EnsembleConfig:
+    name: str = "resnet-ensemble"  # registered model name
+    experiment: str = "ensemble"
+    source: str = ""  # pipelines source to write shards from when the data has none yet ("" = never)
+    storage: str = "./runs"  # results, checkpoints, predictions (a multi-node cluster needs s3://...); --storage wins
+    base: str = "digits_resnet20.yaml"  # the training recipe every member starts from
+    base_overrides: list = field(default_factory=list)  # dotted overrides for every member
+    members: list[MemberSpec] = field(default_factory=list)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    batch_eval: BatchEvalConfig = field(default_factory=BatchEvalConfig)
+
+
+def finish_ensemble(cfg: EnsembleConfig) -> None:
+    if not cfg.members:
+        raise ConfigError("members: an ensemble needs at least one member")
+    for i, m in enumerate(cfg.members):
+        m.label = m.label or m.model or f"member{i}"
+        sources = [bool(m.model and not (m.checkpoint or m.mlflow_run)), bool(m.checkpoint), bool(m.mlflow_run)]
+        if sum(sources) != 1 or (m.checkpoint and not m.model):
+            raise ConfigError(
+                f"members[{i}] ({m.label}): give `model` (to train it), `model` + `checkpoint` (weights you have), "
+                f"or `mlflow_run` (a run trained earlier)"
+            )
+    labels = [m.label for m in cfg.members]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"members: labels must be unique, got {labels}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Study configs (orchestrator/configs/studies/ablate_<name>.yaml): `python -m orchestrator.run ablate`.
+# The shape, with an example, is in orchestrator/ablations.py's docstring.
+
+SCALES = ("paper", "demo")  # the papers' recipes on the user's data; the same study shrunk to the digits
+
+
+@dataclass
+class PublishedSpec:
+    top1: float | None = None  # error %
+    top1_std: float | None = None
+    top5: float | None = None
+    text: str = ""  # a published outcome that is not a number ("fails", "only in a figure")
+    ref: str = ""
+    note: str = ""
+
+
+@dataclass
+class EarlyStoppingSpec:  # ASHA on val_top1_err, for a ranking only (--asha / --no-asha)
+    enabled: bool = False
+    grace_period: int = 1  # epochs every trial runs before it may be stopped
+    reduction_factor: float = 3.0
+
+
+@dataclass
+class EvaluationSpec:  # how a base's final checkpoints are scored: the paper's split and test protocols
+    split: str = "test"
+    protocols: list[str] = field(default_factory=lambda: ["center"])
+
+
+@dataclass
+class BaseSpec:
+    config: str = ""  # a recipe (orchestrator/configs/recipes/)
+    overrides: list = field(default_factory=list)  # dotted train-config overrides
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+
+
+@dataclass
+class RowSpec:
+    label: str = ""  # unique within the scale
+    model: str = ""  # a name from models.list_models()
+    base: str = ""  # which base ("": the only one)
+    overrides: dict = field(default_factory=dict)  # model overrides (shortcut, unit, skip, width, ...)
+    train: list = field(default_factory=list)  # dotted train-config overrides for this row
+    seeds: list[int] = field(default_factory=lambda: [0])  # repeats: mean +- std over them in the report
+    paper: str | dict | None = None  # a key of `published`, or one per protocol: {ten_crop: k1, multi_scale: k2}
+    panel: str = ""  # which panel of the error-curve figure
+
+    def papers(self, protocols: list[str]) -> dict[str, str]:
+        """protocol -> key of `published` (a bare key belongs to the base's first protocol)."""
+        if isinstance(self.paper, dict):
+            return dict(self.paper)
+        return {protocols[0]: self.paper} if self.paper is not None else {}
+
+
+@dataclass
+class DegradationSpec:  # v1 sec. 4.1: the deeper plain net trains worse, the deeper ResNet does not
+    plain: list = field(default_factory=list)  # [shallower, deeper] row labels
+    residual: list = field(default_factory=list)
+
+
+@dataclass
+class VerdictSpec:  # claims computed from the measured training curves
+    degradation: DegradationSpec | None = None
+
+
+@dataclass
+class ScaleSpec:
+    note: str = ""  # printed in the report header
+    source: str = ""  # a pipelines source written to data.url when missing ("" = none)
+    bases: dict[str, BaseSpec] = field(default_factory=dict)
+    rows: list[RowSpec] = field(default_factory=list)
+    verdict: VerdictSpec = field(default_factory=VerdictSpec)
+
+
+@dataclass
+class StudyConfig:
+    study: str = ""  # the name on the command line (default: the file name without ablate_)
+    title: str = ""  # the report's heading
+    experiment: str = ""  # MLflow experiment of the parent run and every child run (default: ablate-<name>)
+    published: dict[str, PublishedSpec] = field(default_factory=dict)  # the papers' numbers
+    early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
+    scales: dict[str, ScaleSpec] = field(default_factory=dict)
+
+
+def finish_study(cfg: StudyConfig) -> None:
+    """The rules that span keys, for every scale: bases, rows, papers and verdicts refer to what exists."""
+    unknown = sorted(set(cfg.scales) - set(SCALES))
+    if unknown:
+        raise ConfigError(f"scales: unknown {', '.join(unknown)}; valid: {', '.join(SCALES)}")
+    for name, s in cfg.scales.items():
+        where = f"scales.{name}"
+        if not s.bases:
+            raise ConfigError(f"{where}.bases is empty")
+        for i, r in enumerate(s.rows):
+            _finish_row(cfg, s, r, f"{where}.rows[{i}]")
+        labels = [r.label for r in s.rows]
+        if not labels or len(set(labels)) != len(labels):
+            raise ConfigError(f"{where}.rows must be non-empty with unique labels, got {labels}")
+        if s.verdict.degradation is not None:
+            for group in ("plain", "residual"):
+                pair = getattr(s.verdict.degradation, group)
+                if len(pair) != 2 or any(x not in labels for x in pair):
+                    raise ConfigError(
+                        f"{where}.verdict.degradation.{group} must be [shallower, deeper] row labels of this "
+                        f"scale, got {pair!r}; rows: {', '.join(labels)}"
+                    )
+
+
+def _finish_row(cfg: StudyConfig, s: ScaleSpec, r: RowSpec, where: str) -> None:
+    if not r.label or not r.model:
+        raise ConfigError(f"{where}: needs label and model")
+    r.base = r.base or (next(iter(s.bases)) if len(s.bases) == 1 else "")
+    if r.base not in s.bases:
+        raise ConfigError(f"{where}: base {r.base!r} is not one of {', '.join(s.bases)}")
+    protocols = s.bases[r.base].evaluation.protocols
+    for proto, key in r.papers(protocols).items():
+        if proto not in protocols:
+            raise ConfigError(f"{where}: paper for protocol {proto!r}, but base {r.base!r} scores with {', '.join(protocols)}")
+        if key not in cfg.published:
+            raise ConfigError(f"{where}: paper {key!r} is not a key of `published`")
+    if not r.seeds:
+        raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {r.seeds!r}")
+
+
+SCHEMAS = {
+    "recipe": Schema(TrainConfig, CHOICES, finish_train),
+    "study": Schema(StudyConfig, {"scales.*.bases.*.evaluation.protocols": protocols}, finish_study),
+    "ensemble": Schema(EnsembleConfig, {"evaluation.protocol": protocols}, finish_ensemble),
+}

@@ -13,27 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import tracking
-from .batch_eval import (
-    EvaluationError,
-    Scores,
-    check_classes,
-    evaluate_registered,
-    score_split,
-    transform_spec,
-)
+from .batch_eval import EvaluationError, Scores, batch_evaluate, score_split, transform_spec
 from .config import (
     ConfigError,
+    EnsembleConfig,
+    MemberSpec,
     TrainConfig,
-    apply_overrides,
     from_dict,
+    load_config,
     load_train_config,
-    load_yaml,
     run_name,
     to_dict,
 )
@@ -41,82 +35,25 @@ from .ensemble_model import ResNetEnsemble, build_member
 from .scoring import error_metrics
 
 DEFAULT_CONFIG = "ensemble_digits.yaml"
-PROTOCOLS = ("center", "ten_crop", "multi_scale", "multi_scale_center")
-
-
-@dataclass
-class MemberSpec:
-    label: str = ""
-    model: str = ""  # registry name; for `mlflow_run` members it is read from the run
-    overrides: dict = field(default_factory=dict)  # models.create_model overrides
-    train: list = field(default_factory=list)  # dotted training overrides for this member (e.g. seed=1)
-    checkpoint: str = ""  # bring your own weights: our checkpoint.pt or a (torchvision-layout) state_dict
-    mlflow_run: str = ""  # a member trained earlier: its MLflow run id
-
-
-@dataclass
-class EvaluationConfig:
-    split: str = "val"
-    protocol: str = "center"  # center | ten_crop | multi_scale (the data kind must support it)
-    batch_size: int = 128
-
-
-@dataclass
-class RegistryConfig:
-    alias: str = "champion"
-
-
-@dataclass
-class BatchEvalConfig:
-    split: str = "test"
-
-
-@dataclass
-class EnsembleConfig:
-    name: str = "resnet-ensemble"  # registered model name
-    experiment: str = "ensemble"
-    source: str = ""  # pipelines source to write shards from when the data has none yet ("" = never)
-    storage: str = "./runs"  # results, checkpoints, predictions (a multi-node cluster needs s3://...); --storage wins
-    base: str = "digits_resnet20.yaml"  # the training recipe every member starts from
-    base_overrides: list = field(default_factory=list)  # dotted overrides for every member
-    members: list = field(default_factory=list)  # MemberSpec mappings
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    registry: RegistryConfig = field(default_factory=RegistryConfig)
-    batch_eval: BatchEvalConfig = field(default_factory=BatchEvalConfig)
+# The keys every member sets itself: a `train.` override of one would be silently ignored.
+MEMBER_KEYS = {"model.name": "members[*].model", "model.overrides": "members[*].overrides",
+               "tracking.experiment": "its `experiment`"}
 
 
 def load_ensemble_config(path: str | None, overrides: list[str] = ()) -> tuple[EnsembleConfig, list[MemberSpec]]:
     """The ensemble config; `train.<key>=v` overrides go to every member's recipe, others to the ensemble."""
-    data = load_yaml(path or DEFAULT_CONFIG)
     member_overrides = [o[len("train."):] for o in overrides if o.startswith("train.")]
-    for o in member_overrides:  # keys every member sets itself: an override would be silently ignored
+    for o in member_overrides:
         key = o.split("=", 1)[0]
-        if key == "model.name" or key.startswith("model.overrides") or key == "tracking.experiment":
+        owned = next((k for k in MEMBER_KEYS if key == k or key.startswith(k + ".")), None)
+        if owned:
             raise ConfigError(
-                f"train.{key}: each member sets its own {key.split('.')[0]}.{key.split('.')[1]}, so this override "
-                "would not take effect; change the members in the ensemble config"
-                + (" (members[*].model / members[*].overrides)" if key.startswith("model") else " (its `experiment`)")
+                f"train.{key}: each member sets its own {owned}, so this override would not take effect; "
+                f"change the members in the ensemble config ({MEMBER_KEYS[owned]})"
             )
-    data = apply_overrides(data, [o for o in overrides if not o.startswith("train.")])
-    cfg = from_dict(EnsembleConfig, data)
+    cfg = load_config("ensemble", path or DEFAULT_CONFIG, [o for o in overrides if not o.startswith("train.")])
     cfg.base_overrides = [*cfg.base_overrides, *member_overrides]
-    if cfg.evaluation.protocol not in PROTOCOLS:
-        raise ConfigError(f"evaluation.protocol: {cfg.evaluation.protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    members = [from_dict(MemberSpec, m, f"members[{i}].") for i, m in enumerate(cfg.members)]
-    if not members:
-        raise ConfigError("members: an ensemble needs at least one member")
-    for i, m in enumerate(members):
-        m.label = m.label or m.model or f"member{i}"
-        sources = [bool(m.model and not (m.checkpoint or m.mlflow_run)), bool(m.checkpoint), bool(m.mlflow_run)]
-        if sum(sources) != 1 or (m.checkpoint and not m.model):
-            raise ConfigError(
-                f"members[{i}] ({m.label}): give `model` (to train it), `model` + `checkpoint` (weights you have), "
-                f"or `mlflow_run` (a run trained earlier)"
-            )
-    labels = [m.label for m in members]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"members: labels must be unique, got {labels}")
-    return cfg, members
+    return cfg, cfg.members
 
 
 def member_train_config(cfg: EnsembleConfig, m: MemberSpec) -> TrainConfig:
@@ -332,28 +269,23 @@ def decide_champion(
 def run_ensemble(config_path: str | None, overrides: list[str], storage: str | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from . import preflight as checks
-    from .cluster import storage_url, user_path
-    from .train import check_cluster, ensure_data
+    from .cluster import user_path
+    from .preflight import Data, Workers, preflight
 
     # Before any work: the config, the data (written only when it is the local demo folder), the
     # storage, the MLflow store and the cluster, each failing in seconds with one line.
     cfg, members = load_ensemble_config(config_path, overrides)
-    storage = storage_url(storage or cfg.storage)
     base = member_train_config(cfg, MemberSpec(label="base", model=next((m.model for m in members if m.model), "resnet20")))
-    base.data.url = user_path(base.data.url, "train.data.url")
-    cfg.base_overrides = [*cfg.base_overrides, f"data.url={base.data.url}"]
-    data_url = base.data.url
-    ensure_data(base, cfg.source)
+    data_url = base.data.url = user_path(base.data.url, "train.data.url")
+    cfg.base_overrides = [*cfg.base_overrides, f"data.url={data_url}"]
     member_cfgs = [member_train_config(cfg, m) for m in members if not (m.checkpoint or m.mlflow_run)]
-    manifest = checks.check_data(
-        data_url, [base.data.train_split, base.data.val_split, cfg.evaluation.split, cfg.batch_eval.split], "train.data.url"
+    splits = (base.data.train_split, base.data.val_split, cfg.evaluation.split, cfg.batch_eval.split)
+    before = preflight(
+        data=[Data(data_url, splits, "train.data.url", source=cfg.source)], storage=storage or cfg.storage,
+        tracking=True, workers=[Workers.of(c, "an ensemble member") for c in member_cfgs or [base]],
     )
+    manifest, storage, uri = before.manifests[data_url], before.storage, before.tracking_uri
     classes = list(manifest["classes"])
-    checks.check_storage(storage)
-    uri = tracking.tracking_uri()
-    checks.check_tracking(uri)
-    check_cluster(member_cfgs or [base], "an ensemble member")
 
     client = MlflowClient(uri)
     cfg_hash = hashlib.sha256(json.dumps(
@@ -386,7 +318,6 @@ def _run_ensemble(cfg: EnsembleConfig, members: list[MemberSpec], manifest: dict
     meta = ensemble_metadata(cfg, got, manifest, data_url)
     spec = transform_spec(meta)
     split = cfg.evaluation.split
-    check_classes(meta, manifest, data_url)
     print(f"[ensemble] evaluating {len(got)} members and the ensemble on {split} ({spec['protocol']})", flush=True)
     scores = score_split({"members": [(m.spec, m.state_dict) for m in got]}, data_url, split, spec,
                          batch_size=cfg.evaluation.batch_size)
@@ -403,9 +334,8 @@ def _run_ensemble(cfg: EnsembleConfig, members: list[MemberSpec], manifest: dict
 
     alias_uri = f"models:/{cfg.name}@{cfg.registry.alias}"
     evaluated_uri = alias_uri if decision.startswith(("promoted", "kept")) else model_uri
-    batch = evaluate_registered(
-        evaluated_uri, data_url, cfg.batch_eval.split, storage, experiment=cfg.experiment, parent_run_id=parent_run_id
-    )
+    batch = batch_evaluate(evaluated_uri, meta, data_url, manifest, cfg.batch_eval.split, storage,
+                           experiment=cfg.experiment, parent_run_id=parent_run_id)
     description = describe(cfg, got, rows, batch, data_url, decision)
     tracking.set_tags(client, parent_run_id, {"mlflow.note.content": description})
     client.update_model_version(cfg.name, version, description=description)

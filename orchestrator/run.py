@@ -16,11 +16,10 @@ from .config import ConfigError
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "train": ("orchestrator.commands.train", "train one network of the zoo with a recipe from orchestrator/configs/"),
+    "train": ("orchestrator.commands.train", "train one network of the zoo with a recipe from orchestrator/configs/recipes/"),
     "ablate": ("orchestrator.commands.ablate", "run one of the papers' ablation studies as Ray Tune trials"),
     "ensemble": ("orchestrator.commands.ensemble", "train, evaluate, register and batch-evaluate a ResNet ensemble"),
     "evaluate": ("orchestrator.commands.evaluate", "batch-evaluate a registered model on a data split, on the cluster"),
-    "bench": ("orchestrator.commands.bench", "measure model, loader and end-to-end training throughput (and MFU)"),
 }
 
 
@@ -44,10 +43,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_environment() -> None:
-    """Before Ray is imported: every worker's epoch line must reach the console. Ray's log
-    deduplication folds lines that look alike across workers (it swallowed epoch lines), and no
-    warning should reach a user that they cannot act on."""
+def command_environment() -> None:
+    """Before Ray is imported (by every command, and by the scripts in benchmarks/): every worker's epoch
+    line must reach the console, a local cluster stays on loopback, and no warning should reach a user
+    that they cannot act on. Ray's log deduplication folds lines that look alike across workers (it
+    swallowed epoch lines)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     address = os.environ.get("RAY_ADDRESS", "")
     if not address or address.split("://")[-1].startswith(("127.0.0.1", "localhost")):
@@ -86,13 +86,19 @@ def input_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _quiet_environment()
+    command_environment()
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     os.environ.setdefault("ORCHESTRATOR_COMMAND", "python -m orchestrator.run " + " ".join(argv[:1]))
+    return run_command(args.func, args)
+
+
+def run_command(func, args) -> int:
+    """`func(args)` with the commands' error contract: bad input or an impossible request is one line
+    (`error: ...`) and exit code 2, a training that failed on the cluster one line and exit code 1."""
     try:
-        return args.func(args)
+        return func(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -170,28 +170,45 @@ class EpochLogger:
             self.client.log_batch(self.run_id, metrics=batch)
 
 
-def error_plot_png(client: MlflowClient, run_id: str, title: str) -> bytes:
-    """Training and validation top-1 error against iterations, like the papers' figures."""
+def error_curves_png(client: MlflowClient, panels: dict[str, list[tuple[str, str]]], title: str) -> bytes:
+    """Training (dashed) and validation (solid) top-1 error against iterations, like the papers' figures:
+    one panel per entry of `panels` (panel title -> [(label, run id)]), one colour per run."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("train_top1_err", "--"), ("val_top1_err", "-")):
-        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        if hist:
-            ax.plot([m.step for m in hist], [m.value for m in hist], style, label=key.replace("_", " "))
-    ax.set_xlabel("iterations")
-    ax.set_ylabel("top-1 error (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buf = io.BytesIO()
+    ncol = min(2, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6 * ncol, 4 * nrow), squeeze=False)
+    for ax, (panel, runs) in zip(axes.flat, panels.items(), strict=False):
+        for i, (label, run_id) in enumerate(runs):
+            for key, style in (("train_top1_err", "--"), ("val_top1_err", "-")):
+                hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+                if hist:
+                    ax.plot([m.step for m in hist], [m.value for m in hist], style, color=f"C{i % 10}",
+                            label=label if key == "val_top1_err" and label else None)
+        ax.set_title(panel)
+        ax.set_xlabel("iterations")
+        ax.set_ylabel("top-1 error (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def error_plot_png(client: MlflowClient, run_id: str, title: str) -> bytes:
+    """The figure every training run logs: its own curves."""
+    return error_curves_png(client, {title: [("", run_id)]}, "train (dashed) / val (solid) error")
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:

@@ -24,6 +24,7 @@ from . import tracking
 from .checkpoints import CHECKPOINT_FILE, CHECKSUM_FILE, checkpoint_url, load_checkpoint
 from .config import TrainConfig, derived, flatten, run_name, to_dict
 from .controller import FailFast, epoch_reports_to_tune
+from .preflight import for_training
 from .worker import say, train_loop_per_worker
 
 # ---------------------------------------------------------------------------------------------
@@ -39,55 +40,6 @@ class FitResult:
     config: TrainConfig
 
 
-def ensure_data(cfg: TrainConfig, source: str | None, *, asked: bool = False) -> None:
-    """Write the demo shards when a config names a source and its folder has none yet: only into the
-    default demo folder (`data/<source>` where the user runs the command), or wherever the user asked
-    with `train --source` (`asked`). Never to an S3 URL and never into a folder that holds something
-    else: a mistyped path is an error (the preflight's), not a place to write the demo data."""
-    from pipelines.storage import is_s3
-
-    from .cluster import user_path
-
-    if not source or is_s3(cfg.data.url):
-        return
-    cfg.data.url = user_path(cfg.data.url, "data.url")
-    folder = Path(cfg.data.url)
-    default = Path(user_path(f"data/{source.split(':')[0]}", "data.url"))
-    if (folder.is_dir() and any(folder.iterdir())) or not (asked or folder == default):
-        return
-    print(f"[data] writing {source} shards to {cfg.data.url}", flush=True)
-    from pipelines.shards import main as shards_main
-
-    shards_main(["write", "--source", source, "--out", cfg.data.url])
-
-
-def preflight(cfg: TrainConfig, storage: str, checked: bool = False) -> tuple[str, dict]:
-    """Everything the driver can check before Ray Train starts (seconds, one line per failure):
-    paths resolved where the user ran the command, the manifest readable with both splits, the
-    storage writable, the MLflow store reachable. Returns (storage, manifest); `checked`: the caller
-    (a study or an ensemble) already probed the storage and the MLflow store, once for all its trials."""
-    from . import preflight as checks
-    from .cluster import storage_url, user_path
-
-    cfg.data.url = user_path(cfg.data.url, "data.url")
-    if cfg.data.cache_dir:
-        cfg.data.cache_dir = user_path(cfg.data.cache_dir, "data.cache_dir")
-    storage = storage_url(storage)
-    manifest = checks.check_data(cfg.data.url, [cfg.data.train_split, cfg.data.val_split])
-    if not checked:
-        checks.check_storage(storage)
-        checks.check_tracking(tracking.tracking_uri())
-    return storage, manifest
-
-
-def check_cluster(cfgs: list[TrainConfig], what: str) -> None:
-    """The cluster can hold each request, and its nodes can reach S3 when the job uses it."""
-    from .cluster import check_fits, check_worker_credentials, ensure_ray
-
-    ensure_ray()
-    for c in cfgs:
-        check_fits(c.scaling.min_workers, c.scaling.cpus_per_worker, c.scaling.use_gpu, what)
-    check_worker_credentials([c.data.url for c in cfgs])
 
 
 def root_cause(err: BaseException) -> str:
@@ -115,9 +67,7 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
     `checked`: the caller already ran the preflight checks (a study or ensemble checks once for all)."""
     import mlflow
 
-    storage, manifest = preflight(cfg, storage, checked)
-    if not checked:
-        check_cluster([cfg], f"training {cfg.model.name}")
+    storage, manifest = for_training(cfg, storage, checked=checked)
     name = run_name(cfg)
     label = label or name
     uri = tracking.tracking_uri()

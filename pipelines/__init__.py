@@ -8,10 +8,10 @@
         --split val='s3://b/in/val-{000000..000049}.tar' --out s3://b/in-index   # WebDataset made elsewhere
 
 Modules: ``sources`` (digits, CIFAR, image folders, synthetic), ``format`` (tar + manifest), ``writer``
-(``write_shards``, ``index_shards``), ``shards`` (the CLI), ``storage`` (local + S3 byte I/O, retries,
-``s3_compat_env``), ``order`` (which samples each step trains on: ``TrainPlan``, ``step_samples``,
-``sample_seed``; evaluation's ``plan_eval``), ``reading`` (a shard's samples, checked against the
-manifest), ``loader`` (``make_loader``), ``transforms`` (per image, and
+(``write_shards``, ``index_shards``), ``shards`` (the CLI), ``storage`` (local + S3 byte I/O, Ray's S3 filesystem,
+one retry budget, ``s3_compat_env``), ``order`` (which samples each step trains on: ``TrainPlan``,
+``step_samples``, ``sample_seed``; evaluation's ``plan_eval``), ``reading`` (a shard's samples, checked
+against the manifest), ``loader`` (``make_loader``), ``transforms`` (per image, and
 ``make_batch_transform`` for decoding on the GPU).
 """
 

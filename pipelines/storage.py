@@ -1,8 +1,10 @@
-"""Local and S3 byte I/O for shards and manifests.
+"""Local and S3 storage: byte I/O for shards and manifests (boto3), and the pyarrow filesystem Ray
+Train and Tune write checkpoints and results through. The one place for S3 settings.
 
 A URL is either a local path (``/data/digits``) or ``s3://bucket/prefix``. S3 goes through boto3,
 so ``AWS_ENDPOINT_URL`` and the usual credential chain apply. Clients are created by the caller
-(``make_s3_client``) and passed in; nothing here keeps a client in a module global.
+(``make_s3_client``) and passed in; nothing here keeps a client in a module global. boto3 and
+botocore are imported on first use of an S3 URL: a node that reads local shards needs neither.
 
 S3-compatible stores (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` not on amazonaws.com): recent
 boto3 and pyarrow upload with aws-chunked encoding and a CRC trailer, which some stores save inside
@@ -10,10 +12,13 @@ the object. ``make_s3_client`` then computes checksums only when an operation re
 uses path-style addresses; ``s3_compat_env()`` gives the environment that makes other processes
 (Ray workers, jobs, pyarrow) do the same.
 
-Outages: every S3 call here is retried with capped exponential backoff for up to
-``RETRY_SECONDS`` (60 s; env ``PIPELINES_S3_RETRY_SECONDS``) on connection errors, timeouts, 5xx and
-throttling, on top of botocore's own few quick attempts; a shard being streamed resumes where it
-stopped with a ranged GET (``RetryingS3Reader``).
+Outages, one budget for every S3 call: ``PIPELINES_S3_RETRY_SECONDS`` (default 60; its older
+spelling ``ORCHESTRATOR_S3_ATTEMPTS``, a number of pyarrow attempts, is still read, converted and
+warned about). boto3 calls here are retried with capped exponential backoff until the budget is
+spent, on connection errors, timeouts, 5xx and throttling, on top of botocore's own few quick
+attempts; a shard being streamed resumes where it stopped with a ranged GET (``RetryingS3Reader``).
+Ray's pyarrow filesystem (``arrow_filesystem``) gets as many attempts of the AWS SDK's standard
+strategy as take that long on average (``arrow_attempts``).
 """
 
 from __future__ import annotations
@@ -27,30 +32,50 @@ from collections.abc import Callable
 from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
-import boto3
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    IncompleteReadError,
-    NoCredentialsError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-)
-
-# Transient errors met while a response body is being read; the request-level retries of botocore
-# do not cover these, so RetryingS3Reader re-opens the object at the current offset.
-_STREAM_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError, ConnectionError, OSError)
-# Transient errors of a whole request, once botocore's own attempts are spent (a server that is down).
-_TRANSIENT = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError, ResponseStreamingError)
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
 _CHUNK = 1 << 20
-RETRY_SECONDS = float(os.environ.get("PIPELINES_S3_RETRY_SECONDS", "60"))
 T = TypeVar("T")
+
+
+# The AWS SDK's standard retry strategy (aws-sdk-cpp, which pyarrow uses): before retry i a random delay
+# in [0, min(25 ms x 2^i, 20 s)], so on average half of that.
+_ARROW_BASE_S, _ARROW_CAP_S = 0.025, 20.0
+
+
+def _arrow_seconds(attempts: int) -> float:
+    """The average time `attempts` attempts of the standard strategy spend waiting."""
+    return sum(0.5 * min(_ARROW_BASE_S * 2**i, _ARROW_CAP_S) for i in range(max(0, attempts - 1)))
+
+
+def _retry_seconds() -> float:
+    if "PIPELINES_S3_RETRY_SECONDS" in os.environ or "ORCHESTRATOR_S3_ATTEMPTS" not in os.environ:
+        return float(os.environ.get("PIPELINES_S3_RETRY_SECONDS", "60"))
+    warnings.warn("ORCHESTRATOR_S3_ATTEMPTS is replaced by PIPELINES_S3_RETRY_SECONDS, one budget (in seconds) for "
+                  "every S3 call; it is converted for now", FutureWarning, stacklevel=2)
+    return _arrow_seconds(int(os.environ["ORCHESTRATOR_S3_ATTEMPTS"]))
+
+
+RETRY_SECONDS = _retry_seconds()
+
+
+def _botocore() -> Any:
+    """botocore's exceptions module, imported on first use (only S3 URLs need boto3)."""
+    from botocore import exceptions
+
+    return exceptions
+
+
+def _request_errors() -> tuple[type[BaseException], ...]:
+    e = _botocore()
+    return (e.ClientError, e.BotoCoreError)
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """Transient errors met while a response body is being read; the request-level retries of botocore
+    do not cover these, so RetryingS3Reader re-opens the object at the current offset."""
+    e = _botocore()
+    return (e.ResponseStreamingError, e.IncompleteReadError, e.ReadTimeoutError, e.ConnectionClosedError,
+            ConnectionError, OSError)
 
 
 class StorageError(RuntimeError):
@@ -106,6 +131,9 @@ def make_s3_client(max_attempts: int = 4, max_pool_connections: int = 16, *, con
     """A boto3 S3 client: botocore's standard retry mode (throttling, 5xx, connection errors) for
     quick blips (longer outages are retried by the functions here, see the module docstring); for a
     non-AWS ``AWS_ENDPOINT_URL`` also checksums only when required and path-style addressing."""
+    import boto3
+    from botocore.config import Config
+
     extra: dict[str, Any] = {}
     if not is_aws_endpoint(s3_endpoint()):
         extra = {
@@ -125,11 +153,14 @@ def make_s3_client(max_attempts: int = 4, max_pool_connections: int = 16, *, con
 
 def is_transient(err: BaseException) -> bool:
     """An S3 error worth retrying: the server unreachable or overloaded, not a wrong name or key."""
-    if isinstance(err, ClientError):
+    e = _botocore()
+    if isinstance(err, e.ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return code in _TRANSIENT_CODES or status >= 500 or code.isdigit() and int(code) >= 500
-    return isinstance(err, _TRANSIENT)
+    # A whole request failed once botocore's own attempts are spent (a server that is down).
+    return isinstance(err, (e.EndpointConnectionError, e.ConnectTimeoutError, e.ReadTimeoutError, e.ConnectionClosedError,
+                            e.ResponseStreamingError))
 
 
 def with_retries(call: Callable[[], T], url: str, *, seconds: float | None = None, sleep: Callable[[float], None] = time.sleep) -> T:
@@ -141,7 +172,7 @@ def with_retries(call: Callable[[], T], url: str, *, seconds: float | None = Non
     while True:
         try:
             return call()
-        except (ClientError, BotoCoreError) as err:
+        except _request_errors() as err:
             delay = min(0.5 * 2**attempt, 5.0)
             if not is_transient(err) or time.monotonic() + delay > deadline:
                 raise
@@ -151,13 +182,16 @@ def with_retries(call: Callable[[], T], url: str, *, seconds: float | None = Non
             attempt += 1
 
 
-def transfer_config(concurrency: int = 4) -> TransferConfig:
+def transfer_config(concurrency: int = 4) -> Any:
     """Multipart uploads above 16 MiB, ``concurrency`` parts at once."""
+    from boto3.s3.transfer import TransferConfig
+
     return TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=concurrency)
 
 
 def _describe(url: str, err: Exception) -> StorageError:
-    if isinstance(err, ClientError):
+    e = _botocore()
+    if isinstance(err, e.ClientError):
         code = err.response.get("Error", {}).get("Code", "")
         meaning = {
             "NoSuchBucket": "bucket does not exist",
@@ -169,9 +203,9 @@ def _describe(url: str, err: Exception) -> StorageError:
             "SignatureDoesNotMatch": "invalid credentials",
         }.get(code, code)
         return StorageError(f"{url}: {meaning} ({err})")
-    if isinstance(err, NoCredentialsError):
+    if isinstance(err, e.NoCredentialsError):
         return StorageError(f"{url}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
-    if isinstance(err, EndpointConnectionError):
+    if isinstance(err, e.EndpointConnectionError):
         return StorageError(f"{url}: cannot reach the S3 endpoint ({err})")
     return StorageError(f"{url}: {err}")
 
@@ -191,7 +225,7 @@ def read_bytes(url: str, client: Any | None = None) -> bytes:
     c = _client(client)
     try:
         return with_retries(lambda: c.get_object(Bucket=bucket, Key=key)["Body"].read(), url)
-    except (ClientError, BotoCoreError) as err:
+    except _request_errors() as err:
         raise _describe(url, err) from err
 
 
@@ -200,12 +234,26 @@ def bucket_exists_check(url: str, client: Any) -> None:
     bucket, _ = split_s3(url)
     try:
         with_retries(lambda: client.head_bucket(Bucket=bucket), url)
-    except ClientError as err:
+    except _botocore().ClientError as err:
         code = err.response.get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchBucket"):
             raise StorageError(f"{url}: bucket {bucket!r} does not exist") from err
         raise _describe(url, err) from err
-    except BotoCoreError as err:
+    except _botocore().BotoCoreError as err:
+        raise _describe(url, err) from err
+
+
+def _head(url: str, client: Any | None) -> dict | None:
+    """The S3 object's HEAD response, or None if it does not exist (other errors raise)."""
+    bucket, key = split_s3(url)
+    c = _client(client)
+    try:
+        return with_retries(lambda: c.head_object(Bucket=bucket, Key=key), url)
+    except _botocore().ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise _describe(url, err) from err
+    except _botocore().BotoCoreError as err:
         raise _describe(url, err) from err
 
 
@@ -213,16 +261,8 @@ def size(url: str, client: Any | None = None) -> int | None:
     """Size in bytes, or None if the object/file does not exist (other errors raise)."""
     if not is_s3(url):
         return os.path.getsize(url) if os.path.isfile(url) else None
-    bucket, key = split_s3(url)
-    c = _client(client)
-    try:
-        return with_retries(lambda: c.head_object(Bucket=bucket, Key=key), url)["ContentLength"]
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise _describe(url, err) from err
-    except BotoCoreError as err:
-        raise _describe(url, err) from err
+    head = _head(url, client)
+    return None if head is None else head["ContentLength"]
 
 
 def stored_sha256(url: str, client: Any | None = None) -> str | None:
@@ -232,17 +272,8 @@ def stored_sha256(url: str, client: Any | None = None) -> str | None:
     """
     if not is_s3(url):
         return file_sha256(url) if os.path.isfile(url) else None
-    bucket, key = split_s3(url)
-    c = _client(client)
-    try:
-        head = with_retries(lambda: c.head_object(Bucket=bucket, Key=key), url)
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise _describe(url, err) from err
-    except BotoCoreError as err:
-        raise _describe(url, err) from err
-    return head.get("Metadata", {}).get("sha256")
+    head = _head(url, client)
+    return None if head is None else head.get("Metadata", {}).get("sha256")
 
 
 def file_sha256(path: str) -> str:
@@ -281,7 +312,7 @@ def publish_file(path: str, url: str, client: Any | None = None, *, sha256: str 
     c = _client(client)
     try:
         with_retries(lambda: _upload(c, path, bucket, key, extra, concurrency), url)
-    except (ClientError, BotoCoreError) as err:
+    except _request_errors() as err:
         raise _describe(url, err) from err
     except Exception as err:  # boto3's S3UploadFailedError wraps the ClientError
         raise StorageError(f"{url}: upload failed ({err})") from err
@@ -297,7 +328,7 @@ def _upload(client: Any, path: str, bucket: str, key: str, extra: dict, concurre
         client.upload_file(path, bucket, key, ExtraArgs=extra, Config=transfer_config(concurrency))
     except S3UploadFailedError as err:  # s3transfer wraps the botocore error; unwrap it so it can be retried
         cause = err.__context__ or err.__cause__
-        if isinstance(cause, (ClientError, BotoCoreError)):
+        if isinstance(cause, _request_errors()):
             raise cause from err
         raise
 
@@ -309,7 +340,7 @@ def write_bytes(url: str, data: bytes, client: Any | None = None) -> None:
         c = _client(client)
         try:
             with_retries(lambda: c.put_object(Bucket=bucket, Key=key, Body=data), url)
-        except (ClientError, BotoCoreError) as err:
+        except _request_errors() as err:
             raise _describe(url, err) from err
         return
     path = local_temp_path(url)
@@ -345,8 +376,8 @@ class RetryingS3Reader:
             extra["IfMatch"] = self.etag
         try:
             response = with_retries(lambda: self.client.get_object(Bucket=self.bucket, Key=self.key, **extra), self.url, seconds=self.seconds)
-        except (ClientError, BotoCoreError) as err:
-            if isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+        except _request_errors() as err:
+            if isinstance(err, _botocore().ClientError) and err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
                 raise StorageError(f"{self.url}: object changed while it was being read (at byte {self.pos})") from err
             raise _describe(self.url, err) from err
         if self.etag is None:
@@ -361,7 +392,7 @@ class RetryingS3Reader:
                 data = self.body.read(n if n is not None and n >= 0 else None)
                 self.pos += len(data)
                 return data
-            except _STREAM_ERRORS as err:
+            except _stream_errors() as err:
                 if time.monotonic() > deadline:
                     raise StorageError(f"{self.url}: read failed at byte {self.pos} for {self.seconds:.0f} s ({err})") from err
                 self.body.close()
@@ -391,3 +422,46 @@ def open_stream(url: str, client: Any | None = None) -> IO[bytes] | RetryingS3Re
         except OSError as err:
             raise StorageError(f"{url}: {err.strerror}") from err
     return RetryingS3Reader(url, _client(client))
+
+
+# ---------------------------------------------------------------------------------------------
+# pyarrow's S3 filesystem, for Ray: Ray Train and Tune write checkpoints and results through it.
+
+def arrow_attempts(seconds: float | None = None) -> int:
+    """How many attempts of the standard strategy wait `seconds` (default: the S3 budget) on average:
+    16 for 60 s, which rides out an endpoint that is gone for 30 s (the SDK's default 3 gave up within a
+    second, and cost a worker-group restart or failed a finished run)."""
+    budget = RETRY_SECONDS if seconds is None else seconds
+    attempts = 1
+    while _arrow_seconds(attempts) < budget:
+        attempts += 1
+    return attempts
+
+
+def arrow_filesystem(url: str, attempts: int | None = None) -> tuple[str, Any]:
+    """(path, pyarrow S3 filesystem) for ``s3://bucket/prefix``, for Ray's ``storage_path`` and
+    ``storage_filesystem``: the endpoint and region boto3 would use, and retries for the S3 budget."""
+    bucket, key = split_s3(url)
+    kwargs: dict[str, Any] = {}
+    endpoint = s3_endpoint()
+    if endpoint:
+        ep = urlparse(endpoint)
+        kwargs = {"endpoint_override": ep.netloc or ep.path, "scheme": ep.scheme or "https"}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return f"{bucket}/{key}".rstrip("/"), _retrying_s3(kwargs, attempts or arrow_attempts())
+
+
+def _retrying_s3(kwargs: dict, attempts: int) -> Any:
+    """pyarrow's S3FileSystem whose retries survive the trip to Ray's controller and workers: pyarrow
+    pickles every option but the retry strategy, so the copies Ray unpickled fell back to 3 attempts
+    (measured: a 30 s outage failed the checkpoint-manager snapshot upload). This one pickles as a call
+    that builds it again, retries included."""
+    import pyarrow.fs
+
+    class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+        def __reduce__(self):
+            return (_retrying_s3, (kwargs, attempts))
+
+    return RetryingS3FileSystem(**kwargs, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=attempts))

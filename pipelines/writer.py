@@ -63,6 +63,12 @@ class _ChannelStats:
         self.count += len(x)
         self.images += 1
 
+    def merge(self, other: _ChannelStats) -> None:
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.count += other.count
+        self.images += other.images
+
     def result(self) -> tuple[list[float], list[float]]:
         if not self.count:
             return [0.5] * 3, [0.25] * 3
@@ -94,11 +100,7 @@ def write_shards(
         source = parse_source(source)
     if shard_size < 1 or max_bytes < 1:
         raise ValueError("shard_size and max_bytes must be positive")
-    if storage.is_s3(out):
-        client = client or storage.make_s3_client(max_pool_connections=4 * upload_workers)
-        storage.bucket_exists_check(out, client)
-    else:
-        os.makedirs(out, exist_ok=True)
+    client = _prepare_out(out, client, 4 * upload_workers)
     names = splits or list(source.splits)
     unknown = [s for s in names if s not in source.splits]
     if unknown:
@@ -113,39 +115,19 @@ def write_shards(
             if split in TRAINING_SPLITS:
                 order = np.random.default_rng(seed).permutation(len(records))
                 records = [records[i] for i in order]
+            bar = tqdm(total=len(records), desc=f"{split}", unit="img", file=sys.stderr, disable=not progress)
             entries: list[dict] = []
             pending: list[Future] = []
-            bar = tqdm(total=len(records), desc=f"{split}", unit="img", file=sys.stderr, disable=not progress)
             for index, shard in enumerate(_group(records, shard_size, max_bytes)):
                 if split == "train":
-                    for key, data, _ext, _label, pixels in shard:
-                        if stats.images >= stats_limit:
-                            break
-                        if pixels is None:
-                            try:
-                                with Image.open(io.BytesIO(data)) as im:
-                                    pixels = np.asarray(im.convert("RGB"))
-                            except (OSError, ValueError) as err:
-                                # stored as is; the loader counts and skips it with a warning
-                                warnings.warn(f"{source.name}: {key}: undecodable image ({err})", RuntimeWarning, stacklevel=2)
-                                continue
-                        stats.add(pixels)
-                # one webdataset TarWriter per shard (format.write_tar) rather than its ShardWriter:
-                # ShardWriter opens its output itself, while a shard here goes to a temp file first, is
-                # hashed, then published atomically (os.replace or one S3 upload), skipped if unchanged
-                name = f"{split}-{index:06d}.tar"
-                url = storage.join(out, name)
-                tmp = storage.local_temp_path(url)
-                sha = write_tar(tmp, [(k, d, e, lab) for k, d, e, lab, _ in shard])
-                nbytes = os.path.getsize(tmp)
-                entries.append({"url": name, "num_samples": len(shard), "bytes": nbytes, "sha256": sha})
-                if storage.stored_sha256(url, client) == sha:
-                    os.remove(tmp)
+                    _add_stats(stats, shard, stats_limit, source.name)
+                entry, upload = _stage_shard(out, f"{split}-{index:06d}.tar", shard, client)
+                entries.append(entry)
+                if upload is None:
                     skipped += 1
                 else:
-                    pending.append(pool.submit(storage.publish_file, tmp, url, client, sha256=sha))
-                # bound the temp files waiting for upload
-                while len([f for f in pending if not f.done()]) > 2 * upload_workers:
+                    pending.append(pool.submit(storage.publish_file, *upload, client, sha256=entry["sha256"]))
+                while len([f for f in pending if not f.done()]) > 2 * upload_workers:  # bound the temp files waiting
                     next(f for f in pending if not f.done()).result()
                 bar.update(len(shard))
             for f in pending:
@@ -165,10 +147,58 @@ def write_shards(
         "seed": seed,
         "splits": manifest_splits,
     }
-    storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode(), client)
     total = sum(len(s["shards"]) for s in manifest_splits.values())
-    print(f"wrote {storage.join(out, MANIFEST)}: {total} shard(s), {skipped} shard(s) already up to date", file=sys.stderr)
+    _publish_manifest(out, manifest, client, f"{total} shard(s), {skipped} shard(s) already up to date")
     return manifest
+
+
+def _prepare_out(out: str, client: Any | None, connections: int) -> Any | None:
+    """The dataset folder made, or the bucket checked (with a client for `connections` at once)."""
+    if not storage.is_s3(out):
+        os.makedirs(out, exist_ok=True)
+        return client
+    client = client or storage.make_s3_client(max_pool_connections=connections)
+    storage.bucket_exists_check(out, client)
+    return client
+
+
+def _publish_manifest(out: str, manifest: dict, client: Any | None, summary: str) -> None:
+    """The manifest, written last: a reader never sees a dataset whose shards are not all there."""
+    url = storage.join(out, MANIFEST)
+    storage.write_bytes(url, json.dumps(manifest, indent=1).encode(), client)
+    print(f"wrote {url}: {summary}", file=sys.stderr)
+
+
+def _add_stats(stats: _ChannelStats, shard: list, limit: int, source_name: str) -> None:
+    """The shard's images into the mean/std, until `limit` images have been counted."""
+    for key, data, _ext, _label, pixels in shard:
+        if stats.images >= limit:
+            return
+        if pixels is None:
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    pixels = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError) as err:  # stored as is; the loader counts and skips it with a warning
+                warnings.warn(f"{source_name}: {key}: undecodable image ({err})", RuntimeWarning, stacklevel=3)
+                continue
+        stats.add(pixels)
+
+
+def _stage_shard(out: str, name: str, shard: list, client: Any | None) -> tuple[dict, tuple[str, str] | None]:
+    """The shard written to a temp file and hashed: (its manifest entry, (temp file, URL) to publish, or None
+    when what is stored there already has that sha256).
+
+    One webdataset TarWriter per shard (format.write_tar) rather than its ShardWriter: ShardWriter opens
+    its output itself, while a shard here goes to a temp file first, is hashed, then published atomically
+    (os.replace or one S3 upload), skipped if unchanged."""
+    url = storage.join(out, name)
+    tmp = storage.local_temp_path(url)
+    sha = write_tar(tmp, [(k, d, e, lab) for k, d, e, lab, _ in shard])
+    entry = {"url": name, "num_samples": len(shard), "bytes": os.path.getsize(tmp), "sha256": sha}
+    if storage.stored_sha256(url, client) == sha:
+        os.remove(tmp)
+        return entry, None
+    return entry, (tmp, url)
 
 
 # -- indexing shards written elsewhere ------------------------------------------------------------
@@ -231,17 +261,8 @@ def _relative(url: str, out: str) -> str:
     return os.path.relpath(path, folder) if path.startswith(folder + os.sep) else path
 
 
-def index_shards(
-    splits: dict[str, str],
-    out: str,
-    *,
-    label_key: str = "cls",
-    classes: list[str] | None = None,
-    workers: int = 8,
-    stats_limit: int = 50_000,
-    progress: bool = True,
-    client: Any | None = None,
-) -> dict:
+def index_shards(splits: dict[str, str], out: str, *, label_key: str = "cls", classes: list[str] | None = None,
+                 workers: int = 8, stats_limit: int = 50_000, progress: bool = True, client: Any | None = None) -> dict:
     """Write our manifest for WebDataset shards made elsewhere (e.g. by ``webdataset.ShardWriter``).
 
     ``splits`` maps a split name to a brace pattern of shards (local or S3). Every shard is read once,
@@ -257,44 +278,15 @@ def index_shards(
     if not splits:
         raise ValueError("no splits given; e.g. --split train=/data/train-{000000..000009}.tar")
     urls = {name: expand_pattern(pattern) for name, pattern in splits.items()}
-    any_s3 = storage.is_s3(out) or any(storage.is_s3(u) for us in urls.values() for u in us)
-    if any_s3:
-        client = client or storage.make_s3_client(max_pool_connections=max(16, 2 * workers))
-    if storage.is_s3(out):
-        storage.bucket_exists_check(out, client)
-    else:
-        os.makedirs(out, exist_ok=True)
+    if any(storage.is_s3(u) for us in urls.values() for u in us) and client is None:
+        client = storage.make_s3_client(max_pool_connections=max(16, 2 * workers))
+    client = _prepare_out(out, client, max(16, 2 * workers))
     stats_split = "train" if "train" in urls else next(iter(urls))
-    total = sum(len(u) for u in urls.values())
-    bar = tqdm(total=total, desc="index", unit="shard", file=sys.stderr, disable=not progress)
-    scanned: dict[str, list[dict]] = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for name, split_urls in urls.items():
-            per_shard = -(-stats_limit // len(split_urls)) if name == stats_split else 0
-            futures = [pool.submit(_scan_shard, u, label_key, per_shard, client if storage.is_s3(u) else None) for u in split_urls]
-            results = []
-            for f in futures:
-                try:
-                    results.append(f.result())
-                except storage.StorageError as err:
-                    raise ValueError(f"split {name!r}: {err}") from err
-                bar.update(1)
-            scanned[name] = results
-    bar.close()
-    labels = [lab for results in scanned.values() for r in results for lab in r["labels"]]
-    if not labels:
-        raise ValueError(f"no samples in {sum(len(u) for u in urls.values())} shard(s)")
-    bad = [lab for lab in labels if lab < 0 or (classes is not None and lab >= len(classes))]
-    if bad:
-        limit = f"[0, {len(classes)})" if classes is not None else "labels >= 0"
-        raise ValueError(f"label {bad[0]} outside {limit}; {len(bad)} such sample(s) (check --classes / --label-key)")
-    classes = classes if classes is not None else [str(i) for i in range(max(labels) + 1)]
+    scanned = _scan_splits(urls, label_key, stats_split, stats_limit, workers, client, progress)
+    classes = _label_classes([lab for results in scanned.values() for r in results for lab in r["labels"]], classes)
     stats = _ChannelStats()
     for r in scanned[stats_split]:
-        stats.total += r["stats"].total
-        stats.total_sq += r["stats"].total_sq
-        stats.count += r["stats"].count
-        stats.images += r["stats"].images
+        stats.merge(r["stats"])
     sizes = set().union(*(r["sizes"] for results in scanned.values() for r in results))
     mean, std = stats.result()
     manifest = {
@@ -318,7 +310,39 @@ def index_shards(
             for name, results in scanned.items()
         },
     }
-    storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode(), client)
     counts = ", ".join(f"{n}: {s['num_samples']} samples in {len(s['shards'])} shard(s)" for n, s in manifest["splits"].items())
-    print(f"wrote {storage.join(out, MANIFEST)}: {counts}; {len(classes)} classes", file=sys.stderr)
+    _publish_manifest(out, manifest, client, f"{counts}; {len(classes)} classes")
     return manifest
+
+
+def _scan_splits(urls: dict[str, list[str]], label_key: str, stats_split: str, stats_limit: int, workers: int,
+                 client: Any | None, progress: bool) -> dict[str, list[dict]]:
+    """Every shard of every split scanned once (`_scan_shard`), `workers` at a time; the first
+    `stats_limit` images of `stats_split`, spread over its shards, count towards mean/std."""
+    bar = tqdm(total=sum(len(u) for u in urls.values()), desc="index", unit="shard", file=sys.stderr, disable=not progress)
+    scanned: dict[str, list[dict]] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for name, split_urls in urls.items():
+            per_shard = -(-stats_limit // len(split_urls)) if name == stats_split else 0
+            futures = [pool.submit(_scan_shard, u, label_key, per_shard, client if storage.is_s3(u) else None) for u in split_urls]
+            results = []
+            for f in futures:
+                try:
+                    results.append(f.result())
+                except storage.StorageError as err:
+                    raise ValueError(f"split {name!r}: {err}") from err
+                bar.update(1)
+            scanned[name] = results
+    bar.close()
+    return scanned
+
+
+def _label_classes(labels: list[int], classes: list[str] | None) -> list[str]:
+    """`classes`, or "0".."K-1" for the largest label K-1, after checking every label fits."""
+    if not labels:
+        raise ValueError("no samples in the shards given")
+    bad = [lab for lab in labels if lab < 0 or (classes is not None and lab >= len(classes))]
+    if bad:
+        limit = f"[0, {len(classes)})" if classes is not None else "labels >= 0"
+        raise ValueError(f"label {bad[0]} outside {limit}; {len(bad)} such sample(s) (check --classes / --label-key)")
+    return classes if classes is not None else [str(i) for i in range(max(labels) + 1)]

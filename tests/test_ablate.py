@@ -12,17 +12,15 @@ import pipelines
 from orchestrator import run
 from orchestrator.ablations import (
     SCALES,
-    Outcome,
     asha_scheduler,
     expand,
     list_studies,
     load_study,
-    render_markdown,
+    study_path,
     study_run_name,
-    summarize,
-    verdicts,
 )
-from orchestrator.config import CONFIG_DIR, ConfigError, run_name
+from orchestrator.config import ConfigError, DegradationSpec, run_name
+from orchestrator.study_report import Outcome, render_markdown, summarize, verdicts
 from orchestrator.tracking import RUN_NAME_TAG
 
 STUDIES = list_studies()
@@ -35,7 +33,7 @@ def test_the_four_studies_of_the_papers_exist():
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("name", STUDIES)
 def test_every_study_loads_and_expands_to_valid_trials(name, scale):
-    text = (CONFIG_DIR / f"ablate_{name}.yaml").read_text()
+    text = study_path(name).read_text()
     assert text.startswith(f"# python -m orchestrator.run ablate {name}"), "a study begins with its command"
     study = load_study(name, scale)
     trials = expand(study)
@@ -151,13 +149,31 @@ def test_the_degradation_verdict_is_computed_from_the_curves():
     rows = summarize(study, trials, _fake(trials, {t.trial.label: 1.0 for t in trials}, curves, epochs=3))
     assert verdicts(study, rows)[0].startswith("not reproduced: plain-56 train error 3.00 % <= plain-20 15.00 %")
     paper = load_study("depth", "paper")
-    assert paper.verdict == {"degradation": {"plain": ["plain-20", "plain-56"], "residual": ["ResNet-20", "ResNet-56"]}}
+    assert paper.verdict.degradation == DegradationSpec(plain=["plain-20", "plain-56"], residual=["ResNet-20", "ResNet-56"])
 
 
-def test_asha_scheduler_covers_the_longest_trial():
+def test_asha_stops_the_worse_trials_at_the_grace_period_and_lets_the_best_run_every_epoch():
+    """The study's scheduler, driven through Tune's scheduler interface with made-up epoch results."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
     study = load_study("skip", "demo")
-    scheduler = asha_scheduler(study, expand(study))
-    assert scheduler._max_t == 8 and scheduler._reduction_factor == study.early_stopping["reduction_factor"]
+    trials = expand(study)
+    longest = max(t.trial.config.schedule.epochs for t in trials)
+    scheduler = asha_scheduler(study, trials)
+    scheduler.set_search_properties("val_top1_err", "min")
+    fake = [Trial("__fake", stub=True) for _ in range(3)]
+    for t in fake:
+        scheduler.on_trial_add(None, t)
+    stopped_at = {}
+    for epoch in range(1, longest + 1):
+        for i, t in enumerate(fake):
+            if i not in stopped_at:
+                decision = scheduler.on_trial_result(None, t, {"training_iteration": epoch, "val_top1_err": 10.0 * (i + 1)})
+                if decision == TrialScheduler.STOP:
+                    stopped_at[i] = epoch
+    assert stopped_at[1] == stopped_at[2] == study.early_stopping.grace_period == 2
+    assert stopped_at[0] == longest, "the best trial is cut by nothing before the longest trial's last epoch"
 
 
 def test_unknown_study_lists_the_valid_ones(capsys):
@@ -247,7 +263,8 @@ def test_a_study_the_cluster_cannot_hold_fails_fast(capsys, ray_local, digits_ur
     ("old", "new", "message"),
     [
         ("protocols: [center]}      # the digits'", "protocols: [five_crop]}  #",
-         "unknown 'five_crop'; valid: center, ten_crop, multi_scale, multi_scale_center"),
+         "scales.demo.bases.digits.evaluation.protocols: 'five_crop' is not one of center, ten_crop, multi_scale, "
+         "multi_scale_center"),
         ("plain: [plain-20, plain-56], residual: [ResNet-20, ResNet-56]}\n    rows:\n      - {label: plain-20",
          "plain: [plain-20, plain-99], residual: [ResNet-20, ResNet-56]}\n    rows:\n      - {label: plain-20",
          "verdict.degradation.plain must be .shallower, deeper. row labels of this scale, got .'plain-20', 'plain-99'.; rows: plain-20"),
@@ -257,7 +274,7 @@ def test_a_study_the_cluster_cannot_hold_fails_fast(capsys, ray_local, digits_ur
     ],
 )
 def test_bad_evaluation_verdict_and_paper_keys_name_the_valid_ones(tmp_path, old, new, message):
-    text = (CONFIG_DIR / "ablate_depth.yaml").read_text()
+    text = study_path("depth").read_text()
     assert text.count(old) == 1
     path = tmp_path / "ablate_bad.yaml"
     path.write_text(text.replace(old, new))

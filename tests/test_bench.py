@@ -1,18 +1,25 @@
-"""The bench command and the GPU fast path, on CPU with tiny sizes: real shards, a real MLflow store,
-one real Ray Train run (the bench's end-to-end part) and the recipe in Ray Train's local mode."""
+"""The training benchmark (benchmarks/bench_train.py) and the GPU fast path, on CPU with tiny sizes: real
+shards, a real MLflow store, one real Ray Train run on the shared test cluster (the bench's end-to-end
+part) and the recipe in Ray Train's local mode."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import bench_train
 import pytest
+import throughput as bench
 import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 import pipelines
-from orchestrator import bench, step, tracking, train
-from orchestrator.config import ConfigError, load_train_config, to_dict
-from orchestrator.run import main as run_main
+from orchestrator import step, tracking, train
+from orchestrator.config import ConfigError, derived, load_train_config, to_dict
+from orchestrator.run import run_command
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +151,24 @@ def test_gpu_decode_transform_on_varied_sizes_normalises_like_the_cpu_path(shard
 
 
 @pytest.mark.parametrize("decode_on", ["cpu", "gpu"])
-def test_model_and_loader_rates_are_positive(shards, decode_on):
-    spec = bench.BenchSpec(tiny(shards, f"data.decode_on={decode_on}"), steps=2, warmup=1)
-    assert bench.model_rate(spec, num_classes=4) > 0
-    assert bench.loader_rate(spec) > 0
+def test_rates_are_the_timed_steps_images_over_their_time_through_the_product_step(shards, decode_on, monkeypatch):
+    """images/s = timed steps x per-worker batch / the seconds they took (the warm-up is not counted), and
+    every step is `orchestrator.step.train_step` with the recipe's options and learning rate."""
+    spec = bench.BenchSpec(tiny(shards, f"data.decode_on={decode_on}"), steps=3, warmup=2)
+    per_worker = derived(spec.cfg)["per_worker_batch"]
+    calls = []
+    real_step = step.train_step
+
+    def counted(model, opt, images, labels, lr, options):
+        calls.append((len(labels), lr, options))
+        return real_step(model, opt, images, labels, lr, options)
+
+    monkeypatch.setattr(step, "train_step", counted)
+    ticks = iter([100.0, 104.0, 200.0, 202.0])  # start and end of the timed steps: 4 s, then 2 s
+    monkeypatch.setattr(bench, "clock", lambda: next(ticks))
+    assert bench.model_rate(spec, num_classes=4) == pytest.approx(3 * per_worker / 4.0)
+    assert calls == [(per_worker, derived(spec.cfg)["lr_scaled"], step.StepOptions.of(spec.cfg, torch.device("cpu"), 1))] * 5
+    assert bench.loader_rate(spec) == pytest.approx(3 * per_worker / 2.0)
 
 
 @pytest.mark.slow
@@ -173,13 +194,13 @@ def test_compile_trains_a_tiny_model_on_cpu(shards, monkeypatch):
 
 def test_benchmarks_md_entry_is_well_formed(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
-    bench.append_entry(path, "bench: resnet8 at 16 px on CPU", "python -m orchestrator.run bench --size 16", "(1) model only: 12.5 img/s\nline two", ["x 0.99 (goal >= 0.95): met"])
+    bench.append_entry(path, "bench: resnet8 at 16 px on CPU", "python benchmarks/bench_train.py --size 16", "(1) model only: 12.5 img/s\nline two", ["x 0.99 (goal >= 0.95): met"])
     bench.append_entry(path, "second", "cmd2", "out2", [])
     text = path.read_text()
     assert text.startswith("# Benchmarks\n") and text.count("# Benchmarks") == 1
     first = text.split("## ")[1]
     assert first.startswith("bench: resnet8 at 16 px on CPU\n")
-    for field in ("- date: ", "- machine: ", "- versions: torch ", "- load average", "- command: `python -m orchestrator.run bench --size 16`"):
+    for field in ("- date: ", "- machine: ", "- versions: torch ", "- load average", "- command: `python benchmarks/bench_train.py --size 16`"):
         assert field in first, field
     assert "```text\n(1) model only: 12.5 img/s\nline two\n```" in first
     assert "Goal: x 0.99 (goal >= 0.95): met" in first
@@ -192,10 +213,10 @@ def test_results_go_to_mlflow(tmp_path):
         {"model_only_img_s": 12.5, "loader_img_s": 99.0}, {"device": "2-core x86_64 CPU", "model": "resnet8", "size": 16, "version.torch": torch.__version__},
         ["line"], ["goal"],
     )
-    run_id = bench.log_mlflow(result, "python -m orchestrator.run bench", uri=uri)
+    run_id = bench.log_mlflow(result, "python benchmarks/bench_train.py", uri=uri)
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics == {"model_only_img_s": 12.5, "loader_img_s": 99.0}
-    assert run.data.params["command"] == "python -m orchestrator.run bench" and run.data.params["version.torch"] == torch.__version__
+    assert run.data.params["command"] == "python benchmarks/bench_train.py" and run.data.params["version.torch"] == torch.__version__
     assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == "bench"
 
 
@@ -203,20 +224,15 @@ def test_results_go_to_mlflow(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_command_on_cpu_measures_records_and_logs(tmp_path, monkeypatch, capsys):
-    """The whole command at the tiniest sizes: model, loader, plain DDP and one Ray Train run, with the
-    GPU-decode path on CPU; the numbers land in MLflow and in the BENCHMARKS.md entry."""
-    import ray
-
+def test_bench_command_on_cpu_measures_records_and_logs(tmp_path, monkeypatch, capsys, ray_local):
+    """The whole command at the tiniest sizes: model, loader, plain DDP and one Ray Train run on the shared
+    test cluster, with the GPU-decode path on CPU; the numbers land in MLflow and in the BENCHMARKS.md entry."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     record = tmp_path / "BENCHMARKS.md"
-    argv = ["bench", "--model", "resnet8", "--size", "16", "--batch-size", "8", "--images", "48", "--steps", "2",
+    argv = ["--model", "resnet8", "--size", "16", "--batch-size", "8", "--images", "48", "--steps", "2",
             "--warmup", "1", "--loader-workers", "1", "--decode-on", "gpu", "--record", str(record), "scaling.cpus_per_worker=1"]
-    try:
-        assert run_main(argv) == 0
-    finally:
-        ray.shutdown()
+    assert run_command(bench_train.main, bench_train.parser().parse_args(argv)) == 0
     out = capsys.readouterr().out
     for needle in ("(1) model only", "(2) loader", "plain DDP", "(3) end to end on Ray Train", "Ray Train / plain DDP", "MFU n/a"):
         assert needle in out, needle
@@ -225,7 +241,9 @@ def test_bench_command_on_cpu_measures_records_and_logs(tmp_path, monkeypatch, c
     (run,) = client.search_runs([exp.experiment_id])
     for key in ("model_only_img_s", "loader_img_s", "plain_ddp_img_s", "end_to_end_img_s"):
         assert run.data.metrics[key] > 0, key
-    assert run.data.metrics["data_stall_ratio"] > 0 and run.data.metrics["ray_over_ddp"] > 0
+    m = run.data.metrics
+    assert m["data_stall_ratio"] == pytest.approx(m["end_to_end_img_s"] / m["model_only_img_s"])
+    assert m["ray_over_ddp"] == pytest.approx(m["end_to_end_img_s"] / m["plain_ddp_img_s"])
     assert run.data.params["device"].endswith("CPU") and run.data.params["decode_on"] == "gpu"
     assert run.data.params["version.ray"] and run.data.params["command"]
     text = record.read_text()
@@ -256,7 +274,17 @@ def test_recipe_trains_with_decoding_on_the_device(shards, tmp_path):
 
 
 def test_help():
-    out = subprocess.run([sys.executable, "-m", "orchestrator.run", "bench", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
-    for needle in ("--decode-on", "--peak-tflops", "--workers", "--steps", "MFU", "plain", "BENCHMARKS.md"):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--help"], capture_output=True,
+                         text=True, cwd=ROOT / "tests")  # from anywhere: no path set up beforehand
+    assert out.returncode == 0, out.stderr
+    for needle in ("--decode-on", "--peak-tflops", "--workers", "--steps", "--recipe", "MFU", "plain", "BENCHMARKS.md"):
         assert needle in out.stdout, needle
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--data", str(tmp_path / "none"),
+                          "--record", ""], capture_output=True, text=True,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: --data={tmp_path / 'none'}: cannot read its manifest.json"), lines

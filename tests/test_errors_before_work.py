@@ -118,10 +118,9 @@ def test_evaluate_bad_data_and_bad_model(store, capsys, digits_url):
                              "--storage", str(store / "runs")], capsys), "no-such-model")
 
 
-def test_ablate_and_bench_with_bad_data(store, capsys):
+def test_ablate_with_bad_data(store, capsys):  # the benchmark's: tests/test_bench.py
     one_line_error(*run_cli(["ablate", "depth", f"data.url={store / 'none'}", "--storage", str(store / "runs")],
                             capsys), "manifest.json")
-    one_line_error(*run_cli(["bench", "--data", str(store / "none"), "--record", ""], capsys), "manifest.json")
 
 
 def test_the_real_command_line_prints_one_line_and_exits_2(store):

@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.local_cluster import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
 VENV_BIN = Path(os.environ.get("LOCAL_STACK_VENV_BIN", ROOT / ".venv" / "bin"))
@@ -249,10 +251,10 @@ def test_rayjob_entrypoint_names_a_real_module_and_config():
     from orchestrator.run import COMMANDS
 
     assert argv[3] in COMMANDS
+    from orchestrator.config import find_config
+
     config = argv[argv.index("--config") + 1]
-    assert (ROOT / config).is_file(), config
-    # the image's WORKDIR is the project root, where that relative path resolves
-    assert "WORKDIR /app" in (INFRA / "docker" / "Dockerfile").read_text()
+    assert find_config(config, "ensemble").is_file(), config  # a bundled ensemble config, found by its name
 
 
 def _containers(spec: dict):
@@ -395,12 +397,6 @@ def test_shell_scripts_parse(path):
 # ---------------------------------------------------------------- the local stack, for real
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -473,9 +469,8 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> int:
 
 @pytest.mark.slow
 def test_local_stack_runs_a_job_and_stops_cleanly(tmp_path):
-    ports = {
-        name: _free_port() for name in ("RAY", "DASHBOARD", "RAY_CLIENT", "DASHBOARD_AGENT", "MLFLOW", "S3")
-    }
+    names = ("RAY", "DASHBOARD", "RAY_CLIENT", "DASHBOARD_AGENT", "MLFLOW", "S3")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     state = tmp_path / "stack"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))},

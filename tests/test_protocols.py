@@ -17,7 +17,7 @@ from PIL import Image
 
 import models
 import pipelines
-from orchestrator.config import CONFIG_DIR, ConfigError, load_train_config
+from orchestrator.config import CONFIG_DIR, ConfigError, find_config, list_configs, load_train_config
 from pipelines.transforms import PROTOCOLS, make_transform
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
@@ -119,7 +119,7 @@ def test_batches_by_shape_groups_one_aspect_ratio_per_batch():
 # ---------------------------------------------------------------------------------------------
 # CIFAR recipes: all 50k images, scored on test, 64k iterations.
 
-CIFAR_RECIPES = sorted(p.name for p in CONFIG_DIR.glob("cifar10_*.yaml"))
+CIFAR_RECIPES = [n for n in list_configs("recipe") if n.startswith("cifar10_")]
 
 
 @pytest.mark.parametrize("name", CIFAR_RECIPES)
@@ -143,7 +143,7 @@ def test_max_iters_must_not_be_negative():
 
 
 def test_imagenet_ensemble_says_which_members_are_assumed_and_that_both_splits_are_val():
-    path = CONFIG_DIR / "ensemble_imagenet.yaml"
+    path = find_config("ensemble_imagenet.yaml", "ensemble")
     text = path.read_text()
     data = yaml.safe_load(text)
     members = data["members"]

@@ -9,9 +9,11 @@ model, and an ensemble whose bundled code was tampered with.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pyarrow.parquet as pq
@@ -22,7 +24,18 @@ from mlflow.tracking import MlflowClient
 import models
 import pipelines
 from orchestrator import tracking
-from orchestrator.batch_eval import EvaluationError, load_registered
+from orchestrator.batch_eval import (
+    OURS_CHECKS,
+    EvaluationError,
+    artifact_outside,
+    lacks_our_metadata,
+    load_registered,
+    no_description,
+    not_a_python_model,
+    not_our_class,
+    pickled_class,
+    why_not_ours,
+)
 from orchestrator.ensemble import EnsembleConfig, Member, ensemble_metadata, log_and_register
 from orchestrator.run import main as run_main
 
@@ -144,3 +157,58 @@ def test_evaluate_accepts_our_ensemble(registry, ray_local, digits_url, tmp_path
         pq.read_table(written).num_rows
         == pipelines.read_manifest(digits_url)["splits"]["test"]["num_samples"]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks `load_registered` makes, one at a time, on a real registered ensemble made wrong in one way.
+
+
+class Shell:
+    """Unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_the_pickled_class_is_read_without_running_the_pickle(tmp_path, protocol):
+    marker = tmp_path / "ran"
+    path = tmp_path / "python_model.pkl"
+    path.write_bytes(pickle.dumps(Shell(marker), protocol=protocol))
+    assert pickled_class(path) == (os.system.__module__, "system")
+    assert not marker.exists()
+    path.write_bytes(pickle.dumps(ForeignModel(), protocol=protocol))
+    # Protocols 0 and 1 pickle an instance through copy_reg: read as that, it is refused (MLflow writes 2+).
+    assert pickled_class(path) == ((__name__, "ForeignModel") if protocol >= 2 else ("copy_reg", "_reconstructor"))
+    path.write_bytes(pickle.dumps([1, "two"], protocol=protocol))
+    assert pickled_class(path) is None
+
+
+def _foreign_pickle(local: Path, mlmodel) -> None:
+    (local / mlmodel.flavors["python_function"]["python_model"]).write_bytes(pickle.dumps(ForeignModel()))
+
+
+@pytest.mark.parametrize(
+    "make_wrong, check, reason",
+    [
+        (lambda local, m: m.flavors.pop("python_function"), not_a_python_model, "flavours [], not a pyfunc PythonModel"),
+        (_foreign_pickle, not_our_class, f"its python_model is {__name__}.ForeignModel, not orchestrator.ensemble_model.ResNetEnsemble"),
+        (lambda local, m: m.metadata.pop("classes"), lacks_our_metadata, "its metadata lacks ['classes']"),
+        (lambda local, m: m.flavors["python_function"]["artifacts"]["member_0"].update(path="../../elsewhere.pt"),
+         artifact_outside, "an artifact path points outside the model"),
+        (lambda local, m: m.flavors["python_function"]["artifacts"].pop("ensemble"), no_description, "no 'ensemble' artifact"),
+    ],
+)
+def test_each_check_of_a_registered_model_alone(registry, tmp_path, make_wrong, check, reason):
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    local = Path(download_artifacts(artifact_uri=f"models:/{OURS}/1", dst_path=str(tmp_path)))
+    mlmodel = Model.load(str(local / "MLmodel"))
+    assert [c(local, mlmodel) for c in OURS_CHECKS] == [None] * len(OURS_CHECKS) and why_not_ours(local, mlmodel) is None
+    make_wrong(local, mlmodel)
+    assert check(local, mlmodel) == reason
+    assert why_not_ours(local, mlmodel) == reason, "the first failing check is the reason given"

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -26,6 +25,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from orchestrator.local_cluster import free_ports
 from pipelines import (
     DataError,
     ManifestMismatchError,
@@ -329,6 +329,65 @@ def test_s3_objects_written_through_a_compat_client_read_back_exactly(s3_endpoin
     assert boto3.client("s3").get_object(Bucket=bucket, Key="a.json")["Body"].read() == b'{"a":1}'
 
 
+WITHOUT_BOTO3 = """
+import sys
+
+
+class NoBoto3:  # as on a node where boto3 is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("boto3", "botocore", "s3transfer"):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+
+
+sys.meta_path.insert(0, NoBoto3())
+"""
+
+
+def test_local_shards_and_the_training_step_need_no_boto3(tmp_path):
+    """boto3 and botocore are imported only when an S3 URL is used: a GPU node without them imports
+    `pipelines` and `orchestrator.step`, writes, indexes and reads local shards; an S3 URL says why it fails."""
+    code = WITHOUT_BOTO3 + f"""
+import pipelines, orchestrator.step
+from pipelines import storage
+out = {str(tmp_path / "tiny")!r}
+pipelines.write_shards("synthetic:classes=3,size=16,train=12,val=6", out, progress=False)
+loader = pipelines.make_loader(out, "train", 4, num_workers=0)
+assert sum(len(y) for _, y in loader) == 12
+assert not [m for m in sys.modules if m.startswith(("boto3", "botocore"))]
+try:
+    storage.read_bytes("s3://bucket/manifest.json")
+except ImportError as e:
+    print("s3:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "s3: No module named 'boto3'" in out.stdout
+
+
+def test_one_s3_retry_budget_sizes_boto3_retries_and_ray_s_filesystem():
+    """PIPELINES_S3_RETRY_SECONDS is the budget of every S3 call: boto3 calls retry for that long, and the
+    pyarrow filesystem Ray writes checkpoints through gets as many attempts as wait that long on average,
+    also in the copy Ray unpickles on another process; the old ORCHESTRATOR_S3_ATTEMPTS still counts."""
+    code = """
+import pickle
+from pipelines import storage
+path, fs = storage.arrow_filesystem("s3://bucket/runs/")
+copy = pickle.loads(pickle.dumps(fs))
+print(path, storage.RETRY_SECONDS, storage.arrow_attempts(), copy.__reduce__()[1][1])
+"""
+    def run(env):
+        env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+        return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+    default = run({"PIPELINES_S3_RETRY_SECONDS": None, "ORCHESTRATOR_S3_ATTEMPTS": None})
+    assert default.stdout.split() == ["bucket/runs", "60.0", "16", "16"], default.stderr
+    assert storage.arrow_attempts(60) == 16 and storage.arrow_attempts(10) < storage.arrow_attempts(60)
+    short = run({"PIPELINES_S3_RETRY_SECONDS": "10", "ORCHESTRATOR_S3_ATTEMPTS": None})
+    assert short.stdout.split() == ["bucket/runs", "10.0", str(storage.arrow_attempts(10)), str(storage.arrow_attempts(10))]
+    old = run({"PIPELINES_S3_RETRY_SECONDS": None, "ORCHESTRATOR_S3_ATTEMPTS": "15"})
+    assert old.stdout.split()[2:] == ["15", "15"] and "replaced by PIPELINES_S3_RETRY_SECONDS" in old.stderr
+
+
 def test_transient_errors_are_retried_until_the_budget(monkeypatch):
     from botocore.exceptions import ClientError, EndpointConnectionError
 
@@ -372,12 +431,6 @@ sys.stdin.read()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def outage_server(tmp_path_factory):
     """start(): a moto S3 server (its own process) on a fixed port holding s3://outage/shard.tar;
@@ -386,13 +439,13 @@ def outage_server(tmp_path_factory):
     payload = np.random.default_rng(0).integers(0, 256, 24 << 20, dtype=np.uint8).tobytes()
     (folder / "shard.tar").write_bytes(payload)
     (folder / "server.py").write_text(SERVER)
-    port = _free_port()
+    port = free_ports(1)[0]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     env.pop("AWS_ENDPOINT_URL", None)
     procs: list[subprocess.Popen] = []
 
     def start() -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, str(folder / "server.py"), str(port), str(_free_port()), str(folder / "shard.tar")],
+        proc = subprocess.Popen([sys.executable, str(folder / "server.py"), str(port), str(free_ports(1)[0]), str(folder / "shard.tar")],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO, text=True)
         procs.append(proc)
         assert proc.stdout.readline().strip() == "ready"

@@ -16,27 +16,19 @@ or `checkpoint` entries. Re-running the same command reuses finished members. Th
 
 from __future__ import annotations
 
-import sys
-
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", default=None, help="ensemble YAML (default: orchestrator/configs/ensemble_digits.yaml)")
+    p.add_argument("--config", default=None, help="ensemble YAML (a bare name is looked up in orchestrator/configs/ensembles/; default: ensemble_digits.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (train.* for the members)")
     p.add_argument("--storage", default=None,
                    help="folder or s3://bucket/prefix for results, checkpoints, predictions (default: the config's `storage`, ./runs)")
 
 
 def main(args) -> int:
-    from ..batch_eval import EvaluationError
-    from ..cluster import ClusterTooSmall
     from ..ensemble import run_ensemble
     from ..tracking import tracking_uri
 
-    try:
-        out = run_ensemble(args.config, args.overrides, args.storage)
-    except (EvaluationError, ClusterTooSmall) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = run_ensemble(args.config, args.overrides, args.storage)
     uri = tracking_uri()
     print(f"\n[done] registered {out['model_uri']} ({out['decision']})")
     print(f"[done] test predictions: {out['batch']['predictions']}")

@@ -22,7 +22,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model-uri", required=True, help="e.g. models:/resnet-ensemble@champion or models:/NAME/VERSION")
     p.add_argument("--data", required=True, help="shards folder or s3://bucket/prefix (with manifest.json)")
     p.add_argument("--split", default="test", help="split of the manifest to score (default: test)")
-    p.add_argument("--protocol", default=None, choices=["center", "ten_crop", "multi_scale", "multi_scale_center"],
+    from ..config import protocols
+
+    p.add_argument("--protocol", default=None, choices=protocols(),
                    help="test protocol (default: the one the model was registered with)")
     p.add_argument("--storage", default="./runs", help="where predictions/ is written (folder or s3://...)")
     p.add_argument("--experiment", default="batch-eval", help="MLflow experiment for the evaluation run")
@@ -33,19 +35,13 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from pipelines import StorageError
-
-    from ..batch_eval import EvaluationError, evaluate_registered
+    from ..batch_eval import evaluate_registered
 
     if args.trust_model:
         # The driver's check and the Ray tasks of a cluster this process starts read it from here.
         os.environ["RESNET_TRUST_MODEL"] = "1"
         print(f"[evaluate] --trust-model: {args.model_uri} is loaded even if it is not this project's "
               "ensemble, running the code it carries", file=sys.stderr, flush=True)
-    try:
-        evaluate_registered(args.model_uri, args.data, args.split, args.storage, protocol=args.protocol,
-                            experiment=args.experiment, batch_size=args.batch_size)
-    except (EvaluationError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    evaluate_registered(args.model_uri, args.data, args.split, args.storage, protocol=args.protocol,
+                        experiment=args.experiment, batch_size=args.batch_size)
     return 0

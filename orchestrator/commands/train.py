@@ -2,7 +2,7 @@
 automatic resume and MLflow tracking.
 
 examples:
-  python -m orchestrator.run train --config orchestrator/configs/digits_resnet20.yaml --source digits
+  python -m orchestrator.run train --config digits_resnet20.yaml --source digits
   python -m orchestrator.run train --config cifar10_resnet.yaml model.name=resnet56 --storage s3://bucket/runs
   ray job submit --working-dir . -- python -m orchestrator.run train --config digits_resnet20.yaml
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="a YAML file (a bare name is looked up in orchestrator/configs/)")
+    p.add_argument("--config", required=True, help="a YAML file (a bare name is looked up in orchestrator/configs/recipes/)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--storage", default="./runs", help="folder or s3://bucket/prefix for results and checkpoints")
     p.add_argument(
@@ -26,9 +26,10 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from ..config import load_train_config
-    from ..train import ensure_data, fit
+    from ..preflight import ensure_data
+    from ..train import fit
 
     cfg = load_train_config(args.config, args.overrides)
-    ensure_data(cfg, args.source, asked=True)
+    cfg.data.url = ensure_data(cfg.data.url, args.source, asked=True)
     fit(cfg, args.storage)
     return 0

@@ -1,4 +1,4 @@
-"""Throughput of the training recipe, piece by piece, on one machine.
+"""Throughput of the training recipe, piece by piece, on one machine (`bench_train.py` is its command).
 
   model only    forward + backward + SGD step on synthetic tensors already on the device
   loader        read + decode + augment from shards (images/s one training worker's loader delivers)
@@ -7,9 +7,12 @@
 
 The ratios: data stall = end to end / (workers x model only); Ray Train / plain DDP. MFU: achieved
 FLOP/s = 3 (forward + backward) x 2 (multiply-add = 2 FLOPs) x count_flops(model) x images/s, over the
-device's dense peak. Every piece is built from one TrainConfig (the ImageNet v1 recipe with the
-bench's overrides) and the recipe's own pieces (`orchestrator.train`), so the bench measures what
-training runs. Results go to MLflow (experiment "bench") and to a BENCHMARKS.md entry.
+device's dense peak. Every piece is built from one TrainConfig (a recipe with the bench's overrides)
+and runs the product's own pieces: `orchestrator.step` (model, optimizer, learning-rate schedule, the
+training step with its loss scale, label smoothing and autocast; transforms) and `pipelines.make_loader`,
+so the bench measures what training runs. Results go to MLflow (experiment "bench") and to an entry
+of the root BENCHMARKS.md. Over 500 lines because the four measurements share their setup and their
+recording (device, versions, MFU, the entry): in one file they stay comparable.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import datetime
 import multiprocessing
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -27,14 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import models
 import pipelines
-
-from . import tracking
-from .config import TrainConfig, derived, from_dict, to_dict
-from .step import Transformed, make_batch_transforms, make_optimizer, make_transforms
+from orchestrator import step, tracking
+from orchestrator.config import TrainConfig, derived, from_dict, to_dict
+from orchestrator.local_cluster import free_ports
 
 # Dense (no sparsity) tensor-core peaks per GPU in TFLOP/s, from NVIDIA's datasheets; first match wins.
 PEAK_TFLOPS = (
@@ -44,7 +44,8 @@ PEAK_TFLOPS = (
     ("A100", {"bf16": 312.0, "tf32": 156.0}),
 )
 
-BENCHMARKS_MD = tracking.PROJECT_ROOT / "BENCHMARKS.md"
+BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+clock = time.perf_counter  # what the rates are timed with
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,16 +110,11 @@ def setup_worker(cfg: TrainConfig, device: torch.device) -> None:
     """Per process: cuDNN autotuning on GPU; on CPU the model's threads are the worker's cores less its
     loader processes (OpenMP threads that share cores with the loader spin and stall each other)."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        from torch.backends import cudnn  # here, not a global: Ray pickles this module's code by value
+
+        cudnn.benchmark = True
     else:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker) - cfg.data.num_workers))
-
-
-def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> torch.nn.Module:
-    model = models.create_model(cfg.model.name, num_classes=num_classes, **cfg.model.overrides).to(device)
-    if device.type == "cuda" and cfg.scaling.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def sync(device: torch.device) -> None:
@@ -127,27 +123,23 @@ def sync(device: torch.device) -> None:
 
 
 class Stepper:
-    """One training step of the recipe: autocast, channels_last, fused/foreach SGD, optional compile."""
+    """The recipe's training step on one rank: `orchestrator.step.train_step` at the schedule's learning
+    rate, with the recipe's SGD and, when asked, torch.compile (as the worker applies it, last)."""
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
-        self.cfg, self.device = cfg, device
-        on_gpu = device.type == "cuda"
-        self.opt = make_optimizer(model, cfg, derived(cfg)["lr_scaled"], device)
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device, world: int = 1,
+                 steps_per_epoch: int = 1 << 30):
+        self.cfg, self.steps_per_epoch, self.it = cfg, steps_per_epoch, 0
+        self.lr = derived(cfg)["lr_scaled"]
+        self.options = step.StepOptions.of(cfg, device, world)
+        self.opt = step.make_optimizer(model, cfg, self.lr, device)
         self.model = torch.compile(model) if cfg.scaling.compile else model
-        self.channels_last = on_gpu and cfg.scaling.channels_last
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and cfg.scaling.bf16)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with self.autocast:
-            loss = F.cross_entropy(self.model(images).float(), labels)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
+        images, labels = step.to_device(images, labels, self.options)
+        lr = step.lr_at(self.cfg, self.lr, self.it, self.steps_per_epoch, 1.0)
+        loss_sum, _ = step.train_step(self.model, self.opt, images, labels, lr, self.options)
+        self.it += 1
+        return loss_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,17 +153,17 @@ def model_rate(spec: BenchSpec, num_classes: int) -> float:
     setup_worker(cfg, device)
     per_worker = derived(cfg)["per_worker_batch"]
     torch.manual_seed(0)
-    step = Stepper(cfg, build_model(cfg, num_classes, device), device)
+    stepper = Stepper(cfg, step.build_model(cfg, num_classes, device), device)
     x = torch.randn(per_worker, 3, cfg.data.size, cfg.data.size, device=device)
     y = torch.randint(0, num_classes, (per_worker,), device=device)
     for _ in range(spec.warmup):
-        step(x, y)
+        stepper(x, y)
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(spec.steps):
-        step(x, y)
+        stepper(x, y)
     sync(device)
-    return spec.steps * per_worker / (time.perf_counter() - t0)
+    return spec.steps * per_worker / (clock() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +176,8 @@ def train_batches(cfg: TrainConfig, manifest: dict, device: torch.device, rank: 
     gpu_decode = cfg.data.decode_on == "gpu"
     rng = torch.Generator()
     if gpu_decode:
-        batch_tf, _ = make_batch_transforms(cfg, manifest, device, rng)
-    tf = None if gpu_decode else make_transforms(cfg, manifest)[0]
+        batch_tf, _ = step.make_batch_transforms(cfg, manifest, device, rng)
+    tf = None if gpu_decode else step.make_transforms(cfg, manifest)[0]
     epoch = 0
     while True:
         loader = pipelines.make_loader(
@@ -195,7 +187,7 @@ def train_batches(cfg: TrainConfig, manifest: dict, device: torch.device, rank: 
         )
         if gpu_decode:
             rng.manual_seed(epoch * 1_009 + rank)
-            loader = Transformed(loader, batch_tf)
+            loader = step.Transformed(loader, batch_tf)
         yield from loader
         epoch += 1
 
@@ -210,14 +202,14 @@ def loader_rate(spec: BenchSpec) -> float:
     for _ in range(spec.warmup):
         next(batches)
     seen = 0
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(spec.steps):
         images, labels = next(batches)
         images.to(device, non_blocking=True)
         seen += len(labels)
     sync(device)
     batches.close()
-    return seen / (time.perf_counter() - t0)
+    return seen / (clock() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,36 +222,31 @@ def timed_loop(spec: BenchSpec, rank: int, world: int, device: torch.device) -> 
     setup_worker(cfg, device)
     manifest = pipelines.read_manifest(cfg.data.url)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, len(manifest["classes"]), device)
+    model = step.build_model(cfg, len(manifest["classes"]), device, world)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step = Stepper(cfg, model, device)
+    steps_per_epoch = max(1, manifest["splits"][cfg.data.train_split]["num_samples"] // cfg.optim.batch_size)
+    stepper = Stepper(cfg, model, device, world, steps_per_epoch)
     batches = train_batches(cfg, manifest, device, rank, world)
     for _ in range(spec.warmup):
-        step(*next(batches))
+        stepper(*next(batches))
     sync(device)
     if world > 1:
         dist.barrier()
     seen = 0
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(spec.steps):
         images, labels = next(batches)
-        step(images, labels)
+        stepper(images, labels)
         seen += len(labels)
     sync(device)
     if world > 1:
         dist.barrier()
     batches.close()
-    rate = torch.tensor([seen / (time.perf_counter() - t0)], dtype=torch.float64, device=device)
+    rate = torch.tensor([seen / (clock() - t0)], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(rate)
     return float(rate)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank: int, world: int, port: int, spec_dict: dict, out_file: str) -> None:
@@ -286,7 +273,8 @@ def plain_ddp_rate(spec: BenchSpec) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rate")
         spec_dict = {"cfg": to_dict(spec.cfg), "steps": spec.steps, "warmup": spec.warmup}
-        torch.multiprocessing.spawn(_ddp_worker, args=(world, free_port(), spec_dict, out), nprocs=world, join=True)
+        port = free_ports(1)[0]
+        torch.multiprocessing.spawn(_ddp_worker, args=(world, port, spec_dict, out), nprocs=world, join=True)
         return float(Path(out).read_text())
 
 
@@ -308,15 +296,18 @@ def _ray_loop(config: dict) -> None:
 
 def ray_train_rate(spec: BenchSpec) -> float:
     """The same loop under Ray Train's TorchTrainer (which sets up the process group: gloo or NCCL)."""
+    from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
-    from .cluster import check_fits, ensure_ray, forwarded_env
+    from orchestrator.cluster import forwarded_env
+    from orchestrator.preflight import Workers, preflight
 
     cfg = spec.cfg
-    ensure_ray()
-    check_fits(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, "the Ray Train benchmark")
+    preflight(workers=[Workers.of(cfg, "the Ray Train benchmark")])
+    # This module is a script's sibling, not an installed package: the workers get its code by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     with tempfile.TemporaryDirectory() as storage:
         trainer = TorchTrainer(
             _ray_loop,
@@ -516,9 +507,9 @@ def append_entry(
 
 
 def command_line() -> str:
-    args = sys.argv[1:]
-    if args[:1] == ["bench"]:
-        import shlex
+    """The command that is running, as a user would type it again (for the record)."""
+    import shlex
 
-        return "python -m orchestrator.run " + shlex.join(args)
-    return "orchestrator.bench.run (from Python)"
+    if Path(sys.argv[0]).name.startswith("bench_"):
+        return f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:])
+    return "throughput.run (from Python)"
