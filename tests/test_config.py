@@ -106,6 +106,10 @@ def test_run_name_is_deterministic_and_tracks_the_config():
     c = load_train_config("digits_resnet20.yaml", ["optim.lr=0.2"])
     assert run_name(a) == run_name(b) != run_name(c)
     assert run_name(load_train_config("digits_resnet20.yaml", ["debug.kill_worker_at_epoch=1"])) == run_name(a)
+    # A key at its default is not part of the name: adding keys to the schema renames no existing run.
+    assert run_name(load_train_config("digits_resnet20.yaml", ["checkpoint.every_steps=0", "data.streams=64"])) == run_name(a)
+    uneven = load_train_config("digits_resnet20.yaml", ["optim.batch_size=65", "scaling.num_workers=[2, 3]"])
+    assert (uneven.scaling.min_workers, uneven.scaling.max_workers) == (2, 3) and run_name(uneven) != run_name(a)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +119,10 @@ def test_run_name_is_deterministic_and_tracks_the_config():
         (["optim.lr=fast"], "optim.lr: expected float"),
         (["schedule.epochs=2.5"], "schedule.epochs: expected int"),
         (["schedule.kind=linear"], "step, plateau, cosine"),
-        (["optim.batch_size=65"], "not divisible"),
+        (["optim.batch_size=1"], "at least one sample"),  # the global batch, shared by the 2 workers
+        (["scaling.num_workers=[3, 2]"], "[min, max]"),
+        (["scaling.num_workers=[2, 3, 4]"], "[min, max]"),
+        (["checkpoint.every_steps=-1"], "checkpoint.every_steps must be >= 0"),
         (["model.name=resnet51"], "resnet50"),
         (["model.overrides.unit=preact"], "full_preact"),
         (["schedule.warmup_lr=0.01"], "warmup_iters"),
