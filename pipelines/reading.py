@@ -16,6 +16,7 @@ its end copies it to a temporary file as it reads and publishes it once the shar
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 import tempfile
@@ -230,18 +231,30 @@ class ShardSource(IterableDataset):
         if not self.decode:  # the bytes as stored, for a decoder downstream (on the GPU)
             return torch.frombuffer(bytearray(fields[ext]), dtype=torch.uint8), label
         try:
-            with warnings.catch_warnings():
-                # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency);
-                # they remain the fastest JPEG/PNG path here (libjpeg-turbo, no PIL round trip)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                image = decode_image(torch.frombuffer(bytearray(fields[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError) as err:
+            image = decode_rgb(fields[ext], ext)
+        except (RuntimeError, ValueError, OSError) as err:
             return self._report(url, key, f"corrupt {ext} image ({str(err).splitlines()[0][:120]})")
         if self.transform is None:
             return image, label
         if seed is not None:
             torch.default_generator.manual_seed(seed)
         return self.transform(image), label
+
+
+def decode_rgb(data: bytes, ext: str) -> torch.Tensor:
+    """uint8 (3, H, W). JPEG and WebP through torchvision (libjpeg-turbo: the fastest path here); PNG
+    through Pillow, because torchvision 0.29's libpng error handler ends the whole process on a corrupt
+    PNG ("libpng error: bad adaptive filter value", measured) instead of raising, so a damaged shard
+    killed a loader process with no word of which shard, instead of being a `DataError` naming it."""
+    if ext == "png":
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def check_shards_exist(shards: list[dict], client: Any | None) -> None:
