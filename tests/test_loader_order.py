@@ -150,7 +150,7 @@ def test_start_step_equals_skipping_and_decodes_nothing_before(digits_url, monke
 
     # in this process (n=0): count images decoded and samples parsed from the tars
     decoded, parsed = [0], [0]
-    real_decode, real_iter_tar = reading.decode_image, reading.iter_tar
+    real_decode, real_iter_tar = reading.decode_rgb, reading.iter_tar
 
     def counting_decode(*a, **kw):
         decoded[0] += 1
@@ -161,7 +161,7 @@ def test_start_step_equals_skipping_and_decodes_nothing_before(digits_url, monke
             parsed[0] += 1
             yield item
 
-    monkeypatch.setattr(reading, "decode_image", counting_decode)
+    monkeypatch.setattr(reading, "decode_rgb", counting_decode)
     monkeypatch.setattr(reading, "iter_tar", counting_iter_tar)
     list(make_loader(digits_url, "train", global_batch_size=G, num_workers=0, epoch=EPOCH, seed=SEED, transform=tf))
     full = parsed[0]
