@@ -422,3 +422,31 @@ def test_with_the_new_keys_at_their_defaults_the_transforms_are_the_papers():
     train, _ = step.make_transforms(load_train_config("digits_resnet20.yaml"), manifest)
     assert [type(t) for t in train.transforms] == [v2.ToImage, v2.RandomCrop, v2.RandomHorizontalFlip, v2.ToDtype,
                                                    v2.Normalize, v2.ToPureTensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+
+
+def test_the_recipes_study_puts_every_recipe_beside_its_published_number_in_one_table():
+    from orchestrator.ablations import expand, load_study
+    from orchestrator.study_report import Outcome, render_markdown, summarize
+
+    study = load_study("recipes", "paper")
+    trials = expand(study)
+    assert [t.trial.config.optim.optimizer for t in trials] == ["sgd", "sgd", "lamb", "sgd"]
+    assert [t.row.paper.top1 for t in trials] == [None, 19.142, 21.9, 24.4]
+    outcomes = {t.trial.label: Outcome(epochs=1, planned=1, status="FINISHED", train_curve=[1.0],
+                                       scores={p: {"top1_err": 20.0, "top5_err": 5.0, "n": 50000} for p in t.evaluation.protocols})
+                for t in trials}
+    md = render_markdown(study, summarize(study, trials, outcomes))
+    centre = md.split("## Scored on the `val` split, centre crop (50000 images)")[1].split("## ")[0]
+    rows = [line for line in centre.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == 4 and "| not published |" in rows[0]
+    assert "| 20.00 | 19.14 | +0.86 |" in rows[1] and "| 20.00 | 21.90 | -1.90 |" in rows[2] and "| 20.00 | 24.40 | -4.40 |" in rows[3]
+    assert "## Scored on the `val` split, 10-crop" in md and "| 22.85 | -2.85 |" in md
+    demo = expand(load_study("recipes", "demo"))
+    assert len(demo) == 4 and {t.trial.config.schedule.epochs for t in demo} == {16}
+    modern = [t.trial.config for t in demo if "MixUp" in t.row.label]
+    assert all((c.data.mixup_alpha, c.optim.label_smoothing, c.schedule.kind, c.ema.decay) == (0.2, 0.1, "cosine", 0.95)
+               for c in modern)
