@@ -118,11 +118,11 @@ class ScheduleConfig:
     warmup_iters: int = 0  # warm up at most this many iterations
     warmup_until_train_err: float = 0.0  # leave warm-up early once train top-1 error (%) drops below this
     # Linear warm-up (today's recipes): from warmup_start_factor x lr to lr over the first warmup_epochs, then
-    # `kind` ("cosine" and "linear" then decay to 0 over the remaining epochs; milestones stay where they are).
+    # `kind` ("cosine" and "linear_decay" then decay to 0 over the remaining epochs; milestones stay where they are).
     warmup_epochs: int = 0
     warmup_start_factor: float = 0.01  # torchvision's --lr-warmup-decay; FFCV starts at 1e-4
     # How often the learning rate changes: "iter" (every iteration) or "epoch" (once per epoch, as
-    # torchvision's and timm's schedulers step): for warm-up, cosine and linear.
+    # torchvision's and timm's schedulers step): for warm-up, cosine and linear_decay.
     granularity: str = "iter"
 
 
@@ -216,7 +216,7 @@ CHOICES = {
     "optim.optimizer": ("sgd", "lamb"),
     "optim.loss": ("ce", "bce"),
     "optim.no_weight_decay": ("none", "norm", "norm_and_bias"),
-    "schedule.kind": ("step", "plateau", "cosine", "linear"),
+    "schedule.kind": ("step", "plateau", "cosine", "linear_decay"),
     "schedule.milestone_unit": ("epoch", "iter"),
     "schedule.granularity": ("iter", "epoch"),
 }
@@ -465,7 +465,7 @@ def _validate_recipe(cfg: TrainConfig) -> None:
     if s.warmup_epochs and s.warmup_lr > 0:
         raise ConfigError("schedule.warmup_epochs (a linear warm-up) and schedule.warmup_lr (v1's constant warm-up) "
                           "exclude each other: set one")
-    if s.warmup_epochs >= s.epochs and s.kind in ("cosine", "linear"):
+    if s.warmup_epochs >= s.epochs and s.kind in ("cosine", "linear_decay"):
         raise ConfigError(f"schedule.warmup_epochs={s.warmup_epochs} leaves no epoch for the {s.kind} decay "
                           f"(schedule.epochs={s.epochs})")
     if not 0 <= e.decay < 1 or e.every_steps <= 0:

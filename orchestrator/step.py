@@ -150,7 +150,7 @@ def lr_at(cfg: TrainConfig, base_lr: float, it: int, steps_per_epoch: int, plate
     """Learning rate at iteration `it` (v1's constant warm-up, schedule.warmup_lr, is handled by the caller).
 
     A linear warm-up (schedule.warmup_epochs) goes from warmup_start_factor x base_lr to base_lr; cosine and
-    linear then decay to 0 over the remaining epochs (torchvision: CosineAnnealingLR over epochs - warm-up;
+    linear_decay then decay to 0 over the remaining epochs (torchvision: CosineAnnealingLR over epochs - warm-up;
     FFCV: linear from the peak to 0). With schedule.granularity=epoch the rate changes once per epoch, as
     torchvision's and timm's schedulers step; "iter" interpolates within the epoch (FFCV)."""
     s = cfg.schedule
@@ -166,7 +166,7 @@ def lr_at(cfg: TrainConfig, base_lr: float, it: int, steps_per_epoch: int, plate
     if s.kind == "plateau":
         return base_lr * plateau_scale
     total = max(1, s.epochs * steps_per_epoch // unit)
-    if s.kind == "linear":
+    if s.kind == "linear_decay":
         return base_lr * max(0, total - u) / max(1, total - warm)
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(u - warm, total - warm) / max(1, total - warm)))  # cosine
 

@@ -238,7 +238,7 @@ def test_the_recipes_hold_the_published_settings():
     assert (a3.optim.optimizer, a3.optim.loss, a3.optim.bce_target_threshold, a3.optim.lr, a3.optim.batch_size) == (
         "lamb", "bce", 0.2, 0.008, 2048)
     assert (a3.data.size, a3.data.test_size, a3.schedule.epochs, a3.data.rand_augment) == (160, 224, 100, [2, 6])
-    assert (fast.data.progressive.min_size, fast.data.size, fast.data.test_size, fast.schedule.kind) == (160, 192, 256, "linear")
+    assert (fast.data.progressive.min_size, fast.data.size, fast.data.test_size, fast.schedule.kind) == (160, 192, 256, "linear_decay")
     for cfg in (tv2, a3, fast):
         assert cfg.model.overrides["stride_in_1x1"] is False, "torchvision's / timm's layout: the nets the numbers are for"
     first = [open(f"orchestrator/configs/recipes/{n}").read().splitlines()[:12] for n in RECIPES]
