@@ -40,6 +40,17 @@ class ModelConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """FFCV's progressive resizing: the train crop is `min_size` up to `start_epoch`, `data.size` from
+    `end_epoch`, linear in between rounded to a multiple of `multiple` (epochs counted from 0)."""
+
+    min_size: int = 0  # 0: off (the train crop is data.size throughout)
+    start_epoch: int = 0
+    end_epoch: int = 0
+    multiple: int = 32
+
+
+@dataclass
 class DataConfig:
     url: str = "data/digits"  # folder or s3://bucket/prefix holding manifest.json
     kind: str = "cifar"  # transforms: "cifar" (pad-and-crop) or "imagenet" (scale augmentation)
@@ -62,6 +73,19 @@ class DataConfig:
     on_error: str = "raise"
     train_split: str = "train"
     val_split: str = "val"
+    # Today's recipes (torchvision v2, ResNet strikes back, FFCV). Each default is the papers' behaviour.
+    # ImageNet train crop: "scale" (v1: shorter side random in scale_range, then a random `size` crop) or
+    # "random_resized" (Inception's RandomResizedCrop: 8-100 % of the area, aspect 3/4-4/3, resized to `size`)
+    crop: str = "scale"
+    auto_augment: str = ""  # per-image policy after crop and flip: "" (none), "trivial_augment_wide", "rand_augment"
+    rand_augment: list = field(default_factory=lambda: [2, 9])  # [operations, magnitude] of rand_augment
+    random_erasing: float = 0.0  # probability of erasing a random rectangle (after normalising, value 0)
+    # Batch-level MixUp / CutMix (0 disables each): targets become soft (mixed one-hot); see orchestrator.step.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    cutmix_prob: float = 0.5  # with both on: the chance that a batch gets CutMix rather than MixUp (timm's switch_prob)
+    mix_prob: float = 1.0  # the chance that a batch is mixed at all
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
 @dataclass
@@ -73,6 +97,12 @@ class OptimConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     label_smoothing: float = 0.0
+    optimizer: str = "sgd"  # "sgd" or "lamb" (ResNet strikes back: timm's LAMB, orchestrator.step.Lamb)
+    loss: str = "ce"  # "ce" (softmax cross-entropy) or "bce" (one-vs-all binary cross-entropy, ResNet strikes back)
+    bce_target_threshold: float | None = None  # bce: targets above it become 1, the others 0 (RSB: 0.2); None: kept soft
+    # Parameters without weight decay: "none" (v1: every parameter decays), "norm" (the norm layers' weights
+    # and biases: torchvision's --norm-weight-decay 0), "norm_and_bias" (those and every bias: timm's rule)
+    no_weight_decay: str = "none"
 
 
 @dataclass
@@ -87,6 +117,13 @@ class ScheduleConfig:
     warmup_lr: float = 0.0  # v1 ResNet-110: 0.01 until train error < 80 %, then the base lr
     warmup_iters: int = 0  # warm up at most this many iterations
     warmup_until_train_err: float = 0.0  # leave warm-up early once train top-1 error (%) drops below this
+    # Linear warm-up (today's recipes): from warmup_start_factor x lr to lr over the first warmup_epochs, then
+    # `kind` ("cosine" and "linear_decay" then decay to 0 over the remaining epochs; milestones stay where they are).
+    warmup_epochs: int = 0
+    warmup_start_factor: float = 0.01  # torchvision's --lr-warmup-decay; FFCV starts at 1e-4
+    # How often the learning rate changes: "iter" (every iteration) or "epoch" (once per epoch, as
+    # torchvision's and timm's schedulers step): for warm-up, cosine and linear_decay.
+    granularity: str = "iter"
 
 
 @dataclass
@@ -111,6 +148,19 @@ class ScalingConfig:
     @property
     def max_workers(self) -> int:
         return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+
+@dataclass
+class EMAConfig:
+    """An exponential moving average of the weights (torchvision's --model-ema): evaluated at every epoch's end
+    beside the weights (val_top1_err_ema), checkpointed and restored on resume. With it on, the run's model
+    (the checkpoint's "model", the MLflow model, what ensembles and studies score) is the average."""
+
+    decay: float = 0.0  # 0: off; torchvision's --model-ema-decay (0.99998), adjusted as below
+    every_steps: int = 32  # updated after every this-many steps of an epoch (torchvision's --model-ema-steps)
+    # torchvision's adjustment: the decay per update is 1 - (1 - decay) x global batch x every_steps / epochs
+    # (at most 1 - 0); false: `decay` is the decay per update as written
+    adjust: bool = True
 
 
 @dataclass
@@ -154,14 +204,21 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 0
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
 
 CHOICES = {
     "data.kind": ("cifar", "imagenet"),
     "data.decode_on": ("cpu", "gpu"),
     "data.on_error": ("raise", "skip"),
-    "schedule.kind": ("step", "plateau", "cosine"),
+    "data.crop": ("scale", "random_resized"),
+    "data.auto_augment": ("", "trivial_augment_wide", "rand_augment"),
+    "optim.optimizer": ("sgd", "lamb"),
+    "optim.loss": ("ce", "bce"),
+    "optim.no_weight_decay": ("none", "norm", "norm_and_bias"),
+    "schedule.kind": ("step", "plateau", "cosine", "linear_decay"),
     "schedule.milestone_unit": ("epoch", "iter"),
+    "schedule.granularity": ("iter", "epoch"),
 }
 
 
@@ -382,6 +439,43 @@ def validate(cfg: TrainConfig) -> None:
     sr = cfg.data.scale_range
     if sr and (len(sr) != 2 or sr[0] > sr[1] or sr[0] < cfg.data.size):
         raise ConfigError(f"data.scale_range must be [low, high] with data.size <= low <= high, got {sr}")
+    _validate_recipe(cfg)
+
+
+def _validate_recipe(cfg: TrainConfig) -> None:
+    """The keys of today's recipes (augmentation, mixing, EMA, warm-up, LAMB, progressive resizing)."""
+    d, o, s, e = cfg.data, cfg.optim, cfg.schedule, cfg.ema
+    for key, p in {"data.random_erasing": d.random_erasing, "data.cutmix_prob": d.cutmix_prob,
+                   "data.mix_prob": d.mix_prob, "optim.label_smoothing": o.label_smoothing}.items():
+        if not 0 <= p <= 1:
+            raise ConfigError(f"{key} is a probability: 0 <= {key} <= 1, got {p}")
+    if d.mixup_alpha < 0 or d.cutmix_alpha < 0:
+        raise ConfigError(f"data.mixup_alpha and data.cutmix_alpha must be >= 0 (0: off), got {d.mixup_alpha}, {d.cutmix_alpha}")
+    if d.crop != "scale" and d.kind != "imagenet":
+        raise ConfigError(f"data.crop={d.crop} is an ImageNet train crop (data.kind=imagenet); data.kind={d.kind} pads and crops")
+    ra = d.rand_augment
+    if len(ra) != 2 or not all(type(v) is int and v >= 0 for v in ra) or ra[1] > 30:
+        raise ConfigError(f"data.rand_augment must be [operations, magnitude] (integers, magnitude 0-30), got {ra}")
+    if o.bce_target_threshold is not None and (o.loss != "bce" or not 0 <= o.bce_target_threshold < 1):
+        raise ConfigError(f"optim.bce_target_threshold is for optim.loss=bce, in [0, 1); got {o.bce_target_threshold} "
+                          f"with optim.loss={o.loss}")
+    if s.warmup_epochs < 0 or not 0 <= s.warmup_start_factor <= 1:
+        raise ConfigError(f"schedule.warmup_epochs must be >= 0 and schedule.warmup_start_factor in [0, 1], got "
+                          f"{s.warmup_epochs}, {s.warmup_start_factor}")
+    if s.warmup_epochs and s.warmup_lr > 0:
+        raise ConfigError("schedule.warmup_epochs (a linear warm-up) and schedule.warmup_lr (v1's constant warm-up) "
+                          "exclude each other: set one")
+    if s.warmup_epochs >= s.epochs and s.kind in ("cosine", "linear_decay"):
+        raise ConfigError(f"schedule.warmup_epochs={s.warmup_epochs} leaves no epoch for the {s.kind} decay "
+                          f"(schedule.epochs={s.epochs})")
+    if not 0 <= e.decay < 1 or e.every_steps <= 0:
+        raise ConfigError(f"ema.decay must be in [0, 1) (0: off) and ema.every_steps > 0, got {e.decay}, {e.every_steps}")
+    pr = d.progressive
+    if pr.min_size:
+        if not 0 < pr.min_size <= d.size or pr.multiple <= 0 or not 0 <= pr.start_epoch <= pr.end_epoch:
+            raise ConfigError(
+                "data.progressive needs 0 < min_size <= data.size, multiple > 0 and 0 <= start_epoch <= end_epoch; "
+                f"got min_size={pr.min_size}, data.size={d.size}, multiple={pr.multiple}, epochs {pr.start_epoch}-{pr.end_epoch}")
 
 
 def _check_workers(value) -> None:
@@ -401,7 +495,44 @@ def derived(cfg: TrainConfig) -> dict:
         "lr_scaled": cfg.optim.lr * cfg.optim.batch_size / cfg.optim.lr_reference_batch,
         "backend": "nccl" if cfg.scaling.use_gpu else "gloo",
         "test_size": cfg.data.test_size or cfg.data.size,
+        "train_sizes": _train_sizes(cfg),
+        "ema_decay_per_update": ema_decay(cfg),
     }
+
+
+def train_size(cfg: TrainConfig, epoch: int) -> int:
+    """The train crop of `epoch` (from 0): data.size, or FFCV's progressive resizing (its `get_resolution`):
+    min_size up to start_epoch, data.size from end_epoch, linear between, rounded to a multiple."""
+    p, size = cfg.data.progressive, cfg.data.size
+    if not p.min_size or epoch >= p.end_epoch:
+        return size
+    if epoch <= p.start_epoch:
+        return p.min_size
+    at = p.min_size + (size - p.min_size) * (epoch - p.start_epoch) / (p.end_epoch - p.start_epoch)
+    return int(round(at / p.multiple)) * p.multiple
+
+
+def _train_sizes(cfg: TrainConfig) -> str:
+    """The train crop per epoch, as ranges of epochs counted from 1 (as the console does): "176" or
+    "160 px epochs 1-18; 192 px epochs 19-24"."""
+    sizes = [train_size(cfg, e) for e in range(cfg.schedule.epochs)]
+    if len(set(sizes)) == 1:
+        return str(sizes[0])
+    runs, first = [], 0
+    for e in range(1, len(sizes) + 1):
+        if e == len(sizes) or sizes[e] != sizes[first]:
+            runs.append(f"{sizes[first]} px epoch{'s' if e - first > 1 else ''} {first + 1}" + (f"-{e}" if e - first > 1 else ""))
+            first = e
+    return "; ".join(runs)
+
+
+def ema_decay(cfg: TrainConfig) -> float:
+    """The EMA's decay per update (0: no EMA). torchvision's reference adjusts its --model-ema-decay to the
+    global batch, the update period and the epochs: alpha = (1 - decay) x G x every_steps / epochs, at most 1."""
+    e = cfg.ema
+    if not e.decay or not e.adjust:
+        return e.decay
+    return 1.0 - min(1.0, (1.0 - e.decay) * cfg.optim.batch_size * e.every_steps / cfg.schedule.epochs)
 
 
 def config_hash(cfg: TrainConfig) -> str:

@@ -7,11 +7,12 @@
 
 The data order is a function of the run, not of the cluster (`pipelines.make_loader` with the global
 batch): global step t of an epoch holds the same samples, augmented alike, whatever the world size. So a
-checkpoint is a position (epoch, step in the epoch) plus weights, optimizer and a few counters, and
-a run resumed from it, at any world size, trains on exactly what an uninterrupted run would have. The
-torch RNG is re-seeded from (seed, step, rank) before every step (`step.step_seed`), so nothing random
-needs saving. At the same world size on the CPU, a resumed run ends bit for bit where an uninterrupted
-one does.
+checkpoint is a position (epoch, step in the epoch) plus weights, optimizer, the EMA of the weights
+(`ema.decay`) and a few counters, and a run resumed from it, at any world size, trains on exactly what an
+uninterrupted run would have. The torch RNG is re-seeded from (seed, step, rank) before every step
+(`step.step_seed`), so nothing random needs saving (MixUp / CutMix draw from it too, and pair samples
+within a rank's share). At the same world size on the CPU, a resumed run ends bit for bit where an
+uninterrupted one does.
 
 Barriers: `ray.train.report` and `ray.train.get_preemption_info` wait for every rank, so every rank calls
 them at the same global steps: checkpoints every `checkpoint.every_steps` steps and at epoch ends, and
@@ -61,11 +62,13 @@ from .step import (
     evaluate,
     lr_at,
     make_batch_transforms,
+    make_ema,
     make_optimizer,
     make_transforms,
     step_seed,
     to_device,
     train_step,
+    update_ema,
 )
 
 POLL_TARGET_S = 5.0  # default time between preemption polls (Ray's watcher looks at the drains every 5 s)
@@ -115,6 +118,8 @@ class Run:
     train_btf: object  # data.decode_on=gpu: decoding + augmentation of encoded batches on the device
     val_loader: object
     logger: tracking.EpochLogger | None
+    manifest: dict = field(default_factory=dict)  # the data's (mean/std: the transforms of each epoch)
+    ema: torch.nn.Module | None = None  # ema.decay: the AveragedModel of `bare`
     poll_every: int = 0  # steps between polls; 0 until the ranks agreed on it
     started: float = field(default_factory=time.monotonic)
     last_checkpoint: float = field(default_factory=time.monotonic)
@@ -164,8 +169,9 @@ def start(loop_config: dict) -> Run:
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     bare = build_model(cfg, len(classes), device, world)
     opt = make_optimizer(bare, cfg, derived(cfg)["lr_scaled"], device)
+    ema = make_ema(bare, derived(cfg)["ema_decay_per_update"]) if cfg.ema.decay else None
     label = loop_config.get("label") or loop_config.get("name", cfg.model.name)
-    progress = resume(cfg, bare, opt, rank, world, label)
+    progress = resume(cfg, bare, opt, rank, world, label, ema)
 
     # (1) DDP on this worker's device: gloo on CPU, NCCL on GPU.
     model = ray.train.torch.prepare_model(bare)
@@ -190,22 +196,31 @@ def start(loop_config: dict) -> Run:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "10")
     logger = tracking.EpochLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
-    run = Run(cfg, loop_config, label, rank, world, device, model, bare, opt, StepOptions.of(cfg, device, world),
-              classes, progress, train_tf, train_btf, val_loader, logger,
-              poll_every=cfg.checkpoint.preemption_poll_steps)
+    run = Run(cfg, loop_config, label, rank, world, device, model, bare, opt,
+              StepOptions.of(cfg, device, world, num_classes=len(classes)), classes, progress, train_tf, train_btf,
+              val_loader, logger, manifest=manifest, ema=ema, poll_every=cfg.checkpoint.preemption_poll_steps)
     _note_world_size(run)
     return run
 
 
 def resume(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, world: int,
-           label: str) -> Progress:
+           label: str, ema: torch.nn.Module | None = None) -> Progress:
     """The position and state of the latest committed checkpoint (verified), or a fresh start."""
     ckpt = ray.train.get_checkpoint()
     if not ckpt:
         return Progress(warm=cfg.schedule.warmup_lr > 0)
     with ckpt.as_directory() as ckpt_dir:
         state = load_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, f"{checkpoint_url(ckpt)}/{CHECKPOINT_FILE}")
-    model.load_state_dict(state["model"])
+    if (ema is not None) != ("ema" in state):
+        raise CheckpointIntegrityError(
+            f"checkpoint {checkpoint_url(ckpt)} was written {'with' if 'ema' in state else 'without'} an EMA of the "
+            f"weights and this run has ema.decay={cfg.ema.decay}: start a new run (another tracking.run_name)")
+    if ema is not None:  # "model" is the average (what the run delivers); "raw_model" the trained weights
+        model.load_state_dict(state["raw_model"])
+        ema.module.load_state_dict(state["model"])
+        ema.n_averaged.fill_(int(state["ema"]["n_averaged"]))
+    else:
+        model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if "progress" not in state:
         raise CheckpointIntegrityError(
@@ -247,6 +262,11 @@ def _loader_args(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
 def train_steps(run: Run, epoch: int) -> None:
     """Train epoch `epoch` from the position in `run.progress` to its end (or to schedule.max_iters)."""
     cfg, p = run.cfg, run.progress
+    if cfg.data.progressive.min_size:  # FFCV's progressive resizing: this epoch's train crop
+        if run.train_btf is not None:
+            run.train_btf = make_batch_transforms(cfg, run.manifest, run.device, epoch=epoch)[0]
+        else:
+            run.train_tf = make_transforms(cfg, run.manifest, epoch=epoch)[0]
     # (2) The loader yields this rank's share of every global batch from `start_step` on, the same
     # number of steps on every rank, so DDP's all-reduce never waits on a rank that ran dry.
     loader = pipelines.make_loader(
@@ -269,6 +289,8 @@ def train_steps(run: Run, epoch: int) -> None:
         lr = cfg.schedule.warmup_lr if p.warm else lr_at(cfg, derived(cfg)["lr_scaled"], p.step, steps_per_epoch, p.plateau["scale"])
         run.lr = lr
         loss, correct = train_step(run.model, run.opt, images, labels, lr, run.options)
+        if run.ema is not None and p.step_in_epoch % cfg.ema.every_steps == 0:  # torchvision: after steps 0, k, 2k..
+            update_ema(run.ema, run.bare, restart=epoch < cfg.schedule.warmup_epochs)
         run.sums[0] += loss
         run.sums[1] += correct
         run.sums[2] += len(labels)
@@ -417,6 +439,9 @@ def checkpoint_report(run: Run, kind: str, metrics: dict | None = None) -> None:
         state = {"model": run.bare.state_dict(), "optimizer": run.opt.state_dict(), "progress": asdict(p),
                  "epoch": p.epoch - 1, "step": p.step, "history": p.history,  # epoch: the last one finished
                  "config": run.loop_config["train"], "classes": run.classes, "kind": kind}
+        if run.ema is not None:  # the run's model is the average; the trained weights resume training
+            state.update(model=run.ema.module.state_dict(), raw_model=run.bare.state_dict(),
+                         ema={"n_averaged": int(run.ema.n_averaged)})
         state["progress"]["partial"] = dict(p.partial)  # the global sums (rank 0 holds them)
         save_checkpoint(state, folder)
         checkpoint = ray.train.Checkpoint.from_directory(str(folder))
@@ -442,6 +467,7 @@ def checkpoint_report(run: Run, kind: str, metrics: dict | None = None) -> None:
 def end_epoch(run: Run, epoch: int) -> None:
     cfg, p = run.cfg, run.progress
     val = evaluate(run.bare, run.val_loader, run.device)
+    ema = evaluate(run.ema.module, run.val_loader, run.device) if run.ema is not None else None
     if cfg.schedule.kind == "plateau":  # /10 when val error has not improved for `patience` epochs
         if val["top1_err"] < p.plateau["best"] - 1e-6:
             p.plateau.update(best=val["top1_err"], bad=0)
@@ -463,6 +489,8 @@ def end_epoch(run: Run, epoch: int) -> None:
         "images_per_sec": seen / max(part["seconds"], 1e-9),
         "skipped_samples": skipped,
     }
+    if ema is not None:
+        metrics.update(val_loss_ema=ema["loss"], val_top1_err_ema=ema["top1_err"], val_top5_err_ema=ema["top5_err"])
     p.history.append({"epoch": epoch, "step": p.step, "world_size": run.world, **metrics})
     p.epoch, p.step_in_epoch = epoch + 1, 0
     p.partial = {k: 0.0 for k in p.partial}
@@ -484,10 +512,11 @@ def log_epoch(run: Run, epoch: int, metrics: dict) -> None:
     recent = run.epoch_walls[-3:]
     eta = (cfg.schedule.epochs - epoch - 1) * sum(recent) / len(recent)
     skipped = f"  skipped {metrics['skipped_samples']:.0f} bad samples" if cfg.data.on_error == "skip" else ""
+    ema = f", EMA {metrics['val_top1_err_ema']:.2f}%" if "val_top1_err_ema" in metrics else ""
     say(
         f"[{run.label}] epoch {epoch + 1}/{cfg.schedule.epochs}  loss {metrics['train_loss']:.3f}  "
         f"train err {metrics['train_top1_err']:.2f}%  val err {metrics['val_top1_err']:.2f}% "
-        f"(top-5 {metrics['val_top5_err']:.2f}%)  lr {metrics['lr']:.4g}  {metrics['images_per_sec']:.0f} img/s  "
+        f"(top-5 {metrics['val_top5_err']:.2f}%{ema})  lr {metrics['lr']:.4g}  {metrics['images_per_sec']:.0f} img/s  "
         f"{run.epoch_walls[-1]:.0f} s/epoch  ETA {_duration(eta)}{skipped}"
     )
 

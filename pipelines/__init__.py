@@ -11,8 +11,8 @@ Modules: ``sources`` (digits, CIFAR, image folders, synthetic), ``format`` (tar 
 (``write_shards``, ``index_shards``), ``shards`` (the CLI), ``storage`` (local + S3 byte I/O, Ray's S3 filesystem,
 one retry budget, ``s3_compat_env``), ``order`` (which samples each step trains on: ``TrainPlan``,
 ``step_samples``, ``sample_seed``; evaluation's ``plan_eval``), ``reading`` (a shard's samples, checked
-against the manifest), ``loader`` (``make_loader``), ``transforms`` (per image, and
-``make_batch_transform`` for decoding on the GPU).
+against the manifest), ``loader`` (``make_loader``), ``transforms`` (per image, ``make_batch_transform`` for
+decoding on the GPU, and ``BatchMix``: MixUp / CutMix of a batch).
 """
 
 from pipelines.format import read_manifest
@@ -21,10 +21,11 @@ from pipelines.order import TrainPlan, plan_eval, sample_seed, step_samples
 from pipelines.reading import DataError, ErrorReport, ManifestMismatchError
 from pipelines.sources import parse_source
 from pipelines.storage import StorageError, make_s3_client, s3_compat_env
-from pipelines.transforms import make_batch_transform, make_transform
+from pipelines.transforms import BatchMix, make_batch_transform, make_transform
 from pipelines.writer import index_shards, write_shards
 
 __all__ = [
+    "BatchMix",
     "DataError",
     "Encoded",
     "ErrorReport",

@@ -36,15 +36,18 @@ read shards. On ``device="cpu"`` the same code runs on the CPU (the fallback, an
 Per-sample randomness: a training loader's batches of encoded images (``make_loader(...,
 decode=False)``) are ``pipelines.loader.SeededImages``: a list with a ``seeds`` attribute (int64
 tensor, one seed per image, ``pipelines.order.sample_seed(seed, epoch, index)``). Called on such a
-list, ``BatchTransform`` draws each image's crop, flip and lighting, in that order, from its own
-``torch.Generator().manual_seed(seed)``: an image is augmented alike in any batch, on any world size
-and any number of loader processes, on the CPU and the GPU. Called on a plain list, it draws from
-its ``generator`` (or torch's global generator) as before. Per-image transforms (``make_transform``)
-draw from torch's global generator, which the loader seeds per sample.
+list, ``BatchTransform`` draws each image's crop, (the seed of its auto-augment policy,) flip, lighting
+(and the seed of its random erasing), in that order, from its own ``torch.Generator().manual_seed(seed)``:
+an image is augmented alike in any batch, on any world size and any number of loader processes, on the
+CPU and the GPU. Called on a plain list, it draws from its ``generator`` (or torch's global generator)
+as before. Per-image transforms (``make_transform``) draw from torch's global generator, which the
+loader seeds per sample, so any torchvision transform in them (TrivialAugmentWide, RandAugment,
+RandomErasing, RandomResizedCrop) is keyed per sample.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -55,6 +58,7 @@ from torchvision.transforms.v2 import functional as TF
 
 PROTOCOLS = ("center", "ten_crop", "multi_scale", "multi_scale_center")
 KINDS = ("imagenet", "cifar")
+CROPS = ("scale", "random_resized")  # ImageNet train crops: v1's scale augmentation, Inception's RandomResizedCrop
 
 # AlexNet's PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), as used by fb.resnet.torch.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
@@ -108,8 +112,31 @@ class WithFlip(torch.nn.Module):
         return torch.stack([image, image.flip(-1)])
 
 
-def _finish(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
+def _finish(mean: Sequence[float], std: Sequence[float], lighting: float = 0.0, erasing: float = 0.0) -> list:
+    """uint8 -> float in [0, 1] -> (PCA lighting) -> normalised -> (random erasing, value 0: the mean pixel)."""
+    return [
+        v2.ToDtype(torch.float32, scale=True),
+        *([Lighting(lighting)] if lighting else []),  # on [0, 1] pixels, before normalising
+        v2.Normalize(list(mean), list(std)),
+        *([v2.RandomErasing(erasing, value=0)] if erasing else []),  # torchvision's recipe: after normalising
+        v2.ToPureTensor(),
+    ]
+
+
+AUTO_AUGMENTS = ("", "trivial_augment_wide", "rand_augment")
+
+
+def auto_augment_policy(name: str, rand_augment: Sequence[int] = (2, 9)) -> list:
+    """The per-image policy on uint8 pixels, after crop and flip, bilinear as in torchvision's recipe presets:
+    TrivialAugmentWide (Müller & Hutter 2021) or RandAugment([operations, magnitude]) (Cubuk et al. 2020)."""
+    if name not in AUTO_AUGMENTS:
+        raise ValueError(f"unknown auto_augment {name!r}; valid: {list(AUTO_AUGMENTS)}")
+    bilinear = v2.InterpolationMode.BILINEAR
+    if name == "trivial_augment_wide":
+        return [v2.TrivialAugmentWide(interpolation=bilinear)]
+    if name == "rand_augment":
+        return [v2.RandAugment(num_ops=rand_augment[0], magnitude=rand_augment[1], interpolation=bilinear)]
+    return []
 
 
 def make_transform(
@@ -125,12 +152,20 @@ def make_transform(
     scales: Sequence[int] | None = None,
     pad: int = 4,
     lighting: float = 0.1,
+    crop: str = "scale",
+    auto_augment: str = "",
+    rand_augment: Sequence[int] = (2, 9),
+    random_erasing: float = 0.0,
 ) -> v2.Compose:
     """The paper's transform for ``kind`` ("imagenet" or "cifar"); see the module docstring.
 
     Sizes default to the paper's and scale with ``size``: for ImageNet, ``size`` 224 gives
     ``scale_range`` (256, 480), ``resize`` 256 and ``scales`` (224, 256, 384, 480, 640); ``size`` 32
     gives (37, 69), 37 and (32, 37, 55, 69, 91). ``lighting`` is the PCA std (0 disables it).
+
+    Today's recipes, train only (the defaults leave the papers' transforms as they were): ImageNet ``crop``
+    "random_resized" (Inception's RandomResizedCrop to ``size``, instead of v1's scale augmentation);
+    ``auto_augment`` (``auto_augment_policy``) after the flip; ``random_erasing`` (probability) last.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown transform kind {kind!r}; valid: {list(KINDS)}")
@@ -144,7 +179,8 @@ def make_transform(
             # Pad with the mean pixel: after normalisation the border is zero, as in the authors' code,
             # which pads the mean-subtracted image with zeros (a black pad would be -mean/std).
             fill = [round(255 * m) for m in mean]
-            return v2.Compose([*head, v2.RandomCrop(size, padding=pad, fill=fill), v2.RandomHorizontalFlip(), *_finish(mean, std)])
+            return v2.Compose([*head, v2.RandomCrop(size, padding=pad, fill=fill), v2.RandomHorizontalFlip(),
+                               *auto_augment_policy(auto_augment, rand_augment), *_finish(mean, std, erasing=random_erasing)])
         if protocol != "center":
             raise ValueError(f"cifar test protocol is the single view ('center'), not {protocol!r}")
         return v2.Compose([*head, v2.CenterCrop(size), *_finish(mean, std)])
@@ -156,10 +192,12 @@ def make_transform(
 
     lo, hi = scale_range or (scaled(256), scaled(480))
     if train:
-        steps = [v2.RandomShortestSize(list(range(lo, hi + 1))), v2.RandomCrop(size), v2.RandomHorizontalFlip(), *_finish(mean, std)]
-        if lighting:
-            steps.insert(-2, Lighting(lighting))  # on [0, 1] pixels, before normalising
-        return v2.Compose([*head, *steps])
+        if crop not in CROPS:
+            raise ValueError(f"unknown train crop {crop!r}; valid: {list(CROPS)}")
+        geometry = ([v2.RandomResizedCrop(size, antialias=True)] if crop == "random_resized"
+                    else [v2.RandomShortestSize(list(range(lo, hi + 1))), v2.RandomCrop(size)])
+        return v2.Compose([*head, *geometry, v2.RandomHorizontalFlip(), *auto_augment_policy(auto_augment, rand_augment),
+                           *_finish(mean, std, lighting=lighting, erasing=random_erasing)])
     resize = resize or scaled(256)
     if protocol == "center":
         return v2.Compose([*head, v2.Resize(resize), v2.CenterCrop(size), *_finish(mean, std)])
@@ -177,11 +215,16 @@ class BatchTransform:
     """``make_transform("imagenet", ...)`` for a batch of encoded images, decoded and augmented on ``device``.
 
     Geometry as the per-image transform: train: shorter side random in ``scale_range``, a random
-    ``size`` crop, flip; test: shorter side to ``resize``, centre ``size`` crop. Each image's crop box
-    is mapped back to source pixels so that only the crop is resized (one ``resized_crop`` per
-    image, not a resize of the whole image and then a crop). Random draws come from CPU generators
-    (each image's own, seeded from the batch's ``seeds``, or else ``generator``), so CPU and GPU runs
-    of one seed crop alike.
+    ``size`` crop (or with ``crop="random_resized"``, Inception's random-resized crop), flip; test: shorter
+    side to ``resize``, centre ``size`` crop. Each image's crop box is mapped back to source pixels so that
+    only the crop is resized (one ``resized_crop`` per image, not a resize of the whole image and then a
+    crop). Random draws come from CPU generators (each image's own, seeded from the batch's ``seeds``, or
+    else ``generator``), so CPU and GPU runs of one seed crop alike.
+
+    Today's recipes: ``augment`` (an ``auto_augment_policy``) runs per image on its uint8 crop on the device,
+    and random erasing (probability ``erasing``) per image after normalising. Both are torchvision transforms,
+    which draw from torch's global generator: with ``seeds``, each image's draws come from a seed drawn from
+    its own generator (after its crop), inside ``torch.random.fork_rng``, so the caller's RNG is left as it was.
     """
 
     def __init__(
@@ -196,8 +239,16 @@ class BatchTransform:
         lighting: float,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
+        crop: str = "scale",
+        augment: Sequence[v2.Transform] = (),
+        erasing: float = 0.0,
     ):
         self.train, self.size, self.scale_range, self.resize, self.lighting = train, size, scale_range, resize, lighting
+        if crop not in CROPS:
+            raise ValueError(f"unknown train crop {crop!r}; valid: {list(CROPS)}")
+        self.crop = crop
+        self.augment = v2.Compose(list(augment)) if augment else None
+        self.erasing = v2.RandomErasing(erasing, value=0) if erasing else None
         self.device = torch.device(device)
         self.generator = generator
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -231,6 +282,8 @@ class BatchTransform:
         """(top, left, h, w) in source pixels of the crop that becomes the ``size`` x ``size`` view;
         random draws from ``generator`` (default: the transform's)."""
         g = generator or self.generator
+        if self.train and self.crop == "random_resized":
+            return self._random_resized_box(height, width, g)
         s = self._randint(*self.scale_range, g) if self.train else self.resize
         f = s / min(height, width)  # scale factor of the (virtual) resize
         rh, rw = max(self.size, round(height * f)), max(self.size, round(width * f))
@@ -240,6 +293,37 @@ class BatchTransform:
             top, left = int(round((rh - self.size) / 2.0)), int(round((rw - self.size) / 2.0))
         h, w = min(height, max(1, round(self.size / f))), min(width, max(1, round(self.size / f)))
         return min(round(top / f), height - h), min(round(left / f), width - w), h, w
+
+    @staticmethod
+    def _random_resized_box(height: int, width: int, g: torch.Generator | None,
+                            scale: tuple = (0.08, 1.0), ratio: tuple = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of Inception's random-resized crop, drawn as ``v2.RandomResizedCrop`` draws it (ten
+        tries at an area fraction in ``scale`` and a log-uniform aspect in ``ratio``, else the centre crop)."""
+        area = height * width
+        log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        for _ in range(10):
+            target = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=g))
+            aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)))
+            w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return BatchTransform._randint(0, height - h, g), BatchTransform._randint(0, width - w, g), h, w
+        in_ratio = width / height  # fallback: the whole image, cropped to the nearest allowed aspect
+        if in_ratio < min(ratio):
+            w, h = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            h, w = height, int(round(height * max(ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def _per_image(self, transform, image: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """A torchvision transform on one image, its global-generator draws keyed by a seed drawn from ``g``."""
+        if g is None:
+            return transform(image)
+        seed = int(torch.randint(0, 1 << 62, (1,), generator=g))
+        with torch.random.fork_rng(devices=[]):  # the draws are on the CPU, whatever the image's device
+            torch.manual_seed(seed)
+            return transform(image)
 
     def __call__(self, blobs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Encoded images -> float32 (B, 3, size, size) on ``device``, normalised. With a ``seeds``
@@ -255,6 +339,8 @@ class BatchTransform:
             TF.resized_crop(img, *self.box(img.shape[-2], img.shape[-1], own[i] if own else None), [self.size, self.size], antialias=True)
             for i, img in enumerate(images)
         ]
+        if self.train and self.augment is not None:  # on uint8 pixels, as the per-image transform does
+            crops = [self._per_image(self.augment, c, own[i] if own else None) for i, c in enumerate(crops)]
         x = torch.stack(crops).float().div_(255)
         if self.train:
             if own:
@@ -271,7 +357,10 @@ class BatchTransform:
                 # elementwise, not a matmul: an image's colour shift must not depend on its batch's size
                 rgb = w[:, 0:1] * self.eigvec[:, 0] + w[:, 1:2] * self.eigvec[:, 1] + w[:, 2:3] * self.eigvec[:, 2]
                 x += rgb.to(self.device, non_blocking=True).view(n, 3, 1, 1)
-        return x.sub_(self.mean).div_(self.std)
+        x = x.sub_(self.mean).div_(self.std)
+        if self.train and self.erasing is not None:
+            x = torch.stack([self._per_image(self.erasing, x[i], own[i] if own else None) for i in range(n)])
+        return x
 
 
 def make_batch_transform(
@@ -287,6 +376,10 @@ def make_batch_transform(
     lighting: float = 0.1,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    crop: str = "scale",
+    auto_augment: str = "",
+    rand_augment: Sequence[int] = (2, 9),
+    random_erasing: float = 0.0,
 ) -> BatchTransform:
     """The batched, on-device form of ``make_transform(kind, train, ...)`` (ImageNet; test: centre crop)."""
     if kind != "imagenet":
@@ -297,5 +390,38 @@ def make_batch_transform(
     lo, hi = scale_range or (round(size * 256 / 224), round(size * 480 / 224))
     return BatchTransform(
         train, mean=mean, std=std, size=size, scale_range=(lo, hi), resize=resize or round(size * 256 / 224),
-        lighting=lighting, device=device, generator=generator,
+        lighting=lighting, device=device, generator=generator, crop=crop,
+        augment=auto_augment_policy(auto_augment, rand_augment), erasing=random_erasing,
     )
+
+
+class BatchMix:
+    """Batch-level MixUp (Zhang et al. 2018) and CutMix (Yun et al. 2019) with torchvision's ``v2.MixUp`` and
+    ``v2.CutMix``, chosen per batch as timm's ``Mixup(mode="batch")`` chooses: with probability ``prob`` the
+    batch is mixed, by CutMix with probability ``cutmix_prob`` when both alphas are on (else by the one on).
+    Returns (images, targets): targets are (B, num_classes) floats that sum to 1 per sample, mixed or not.
+
+    Draws come from torch's global generator (on the CPU, whatever the batch's device): the training step
+    seeds it per step and rank, so a resumed run mixes as an uninterrupted one did."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, *,
+                 cutmix_prob: float = 0.5, prob: float = 1.0):
+        if num_classes <= 0 or not (mixup_alpha or cutmix_alpha):
+            raise ValueError("BatchMix needs num_classes > 0 and mixup_alpha or cutmix_alpha > 0")
+        self.num_classes, self.cutmix_prob, self.prob = num_classes, cutmix_prob, prob
+        self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha else None
+        self.cutmix = v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes) if cutmix_alpha else None
+
+    def choose(self) -> v2.Transform | None:
+        """This batch's mixing (None: not mixed); one draw for each choice there is to make."""
+        if self.prob < 1 and float(torch.rand(())) >= self.prob:
+            return None
+        if self.mixup is not None and self.cutmix is not None:
+            return self.cutmix if float(torch.rand(())) < self.cutmix_prob else self.mixup
+        return self.mixup or self.cutmix
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mix = self.choose()
+        if mix is None:
+            return images, torch.nn.functional.one_hot(labels, self.num_classes).float()
+        return mix(images, labels)

@@ -26,8 +26,8 @@ from orchestrator.tracking import RUN_NAME_TAG
 STUDIES = list_studies()
 
 
-def test_the_four_studies_of_the_papers_exist():
-    assert STUDIES == ["depth", "shortcuts", "skip", "units"]
+def test_the_four_studies_of_the_papers_and_the_recipes_study_exist():
+    assert STUDIES == ["depth", "recipes", "shortcuts", "skip", "units"]
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -179,7 +179,7 @@ def test_asha_stops_the_worse_trials_at_the_grace_period_and_lets_the_best_run_e
 def test_unknown_study_lists_the_valid_ones(capsys):
     assert run.main(["ablate", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "unknown study 'nope'" in err and "depth, shortcuts, skip, units" in err
+    assert "unknown study 'nope'" in err and "depth, recipes, shortcuts, skip, units" in err
     assert run.main(["ablate", "depth", "--rows", "ResNet-999"]) == 2
     assert "unknown row(s) ResNet-999; rows: plain-20" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="must be one of paper, demo"):

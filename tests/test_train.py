@@ -169,3 +169,39 @@ def test_checkpoints_carry_a_checksum_that_is_checked_on_load(tmp_path):
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"7\r\n" + raw + b"\r\n0\r\nx-amz-checksum-crc64nvme:AAAA\r\n")
     with pytest.raises(CheckpointIntegrityError, match="s3://b/runs/r/epoch_0003/checkpoint.pt is corrupt.*when_required"):
         load_checkpoint(tmp_path / CHECKPOINT_FILE, "s3://b/runs/r/epoch_0003/checkpoint.pt")
+
+
+# Today's recipes in one tiny run: MixUp + CutMix, TrivialAugmentWide, random erasing, progressive resizing
+# (24 px in epoch 1, 32 in epoch 2), LAMB with BCE, no decay on norm/bias, warm-up + cosine, and an EMA per step.
+RECIPE_KEYS = ("data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "data.auto_augment=trivial_augment_wide",
+               "data.random_erasing=0.25", "data.progressive.min_size=24", "data.progressive.end_epoch=1",
+               "data.progressive.multiple=8", "optim.optimizer=lamb", "optim.lr=0.004", "optim.weight_decay=0.02",
+               "optim.loss=bce", "optim.bce_target_threshold=0.2", "optim.no_weight_decay=norm_and_bias",
+               "schedule.kind=cosine", "schedule.warmup_epochs=1", "ema.decay=0.9", "ema.every_steps=1",
+               "ema.adjust=false")
+
+
+def test_a_recipe_run_with_an_ema_killed_between_two_step_checkpoints_resumes_bit_for_bit(
+    tmp_path, monkeypatch, ray_local, digits_url, capsys
+):
+    """As the test above, with every mechanism of today's recipes on: the EMA of the weights (and its count),
+    the trained weights, LAMB's state and the epoch's sums survive the kill; MixUp/CutMix and the augmentations
+    draw alike after the resume (CPU, same world size)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    plain = fit(_tiny(digits_url, "recipe-plain", *RECIPE_KEYS), str(tmp_path / "runs"))
+    marker = tmp_path / "killed"
+    killed = fit(_tiny(digits_url, "recipe-killed", *RECIPE_KEYS, "debug.kill_worker_at_step=23",
+                       f"debug.kill_marker={marker}"), str(tmp_path / "runs"))
+    out = capsys.readouterr().out
+    assert marker.exists() and "resume from epoch 2 step 1 (iteration 20)" in out, out[-3000:]
+    a, b = (torch.load(r.checkpoint_path, weights_only=True) for r in (plain, killed))
+    for key in ("model", "raw_model"):  # the EMA (the run's model) and the trained weights
+        assert [k for k in a[key] if not torch.equal(a[key][k], b[key][k])] == [], key
+    assert a["ema"] == b["ema"] == {"n_averaged": 19}  # one update per step; epoch 1 is warm-up (restarts)
+    assert any(not torch.equal(a["model"][k], a["raw_model"][k]) for k in a["model"]), "the average is not the weights"
+    assert killed.metrics["train_loss"] == plain.metrics["train_loss"]
+    assert killed.metrics["val_top1_err_ema"] == plain.metrics["val_top1_err_ema"]
+    run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(killed.run_id)
+    assert run.data.params["derived.train_sizes"] == "24 px epoch 1; 32 px epoch 2"
+    assert run.data.params["derived.ema_decay_per_update"] == "0.9"
+    assert "EMA" in out and "val_top1_err_ema" in run.data.metrics

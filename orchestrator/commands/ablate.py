@@ -6,6 +6,7 @@ degradation problem from the measured training curves.
 
 studies (orchestrator/configs/studies/ablate_<name>.yaml):
   depth      plain vs residual nets across depth: ImageNet 18/34 (v1 Table 2), CIFAR-10 20..110 (v1 Table 6)
+  recipes    ResNet-50 under v1's, torchvision's v2, ResNet-strikes-back A3 and FFCV recipes (their published numbers)
   shortcuts  shortcut options A / B / C on ResNet-34 (v1 Table 3, top-1 and top-5)
   skip       shortcut variants on ResNet-110: scaling, gating, 1x1 conv, dropout (v2 Table 1)
   units      activation arrangements on ResNet-110 and ResNet-164 (v2 Table 2)
@@ -13,8 +14,10 @@ studies (orchestrator/configs/studies/ablate_<name>.yaml):
 scales:
   demo   (default) reduced width and epochs on the bundled digits (shards written to data/digits if
          missing); minutes on a laptop; NOT comparable with the paper: no differences are printed.
-         `ablate depth` trains plain/ResNet-20 and plain/ResNet-56 alike (v1 Fig. 6)
-  paper  the papers' recipes (imagenet_v1 / cifar10_resnet / cifar10_resnet110 / cifar10_preact configs);
+         `ablate depth` trains plain/ResNet-20 and plain/ResNet-56 alike (v1 Fig. 6); `ablate recipes`
+         ResNet-20 under v1's CIFAR recipe and with MixUp + EMA + label smoothing + cosine
+  paper  the papers' recipes (imagenet_v1 / cifar10_resnet / cifar10_resnet110 / cifar10_preact configs; for
+         `recipes`, imagenet_tv2 / imagenet_rsb_a3 / imagenet_fast too);
          point data.url at your shards, e.g. data.url=s3://YOUR-BUCKET/cifar10
 
 examples:
