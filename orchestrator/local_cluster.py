@@ -179,8 +179,9 @@ def enable_token_auth() -> None:
     _enable_token_auth()  # sets the variable and re-reads Ray's config (Ray 2.60, pinned)
 
 
-def connect(state_file: Path | None = None, **start_kwargs) -> dict:
-    """Start a private cluster (stopped when this process exits) and connect this driver to it."""
+def connect(state_file: Path | None = None, *, runtime_env: dict | None = None, **start_kwargs) -> dict:
+    """Start a private cluster (stopped when this process exits) and connect this driver to it;
+    `runtime_env`: the job's (e.g. a `worker_process_setup_hook`)."""
     import atexit
 
     import ray
@@ -192,7 +193,7 @@ def connect(state_file: Path | None = None, **start_kwargs) -> dict:
     state = start(state_file, **start_kwargs)
     atexit.register(stop, state_file)
     enable_token_auth()
-    ray.init(address=state["gcs_address"], log_to_driver=True)
+    ray.init(address=state["gcs_address"], log_to_driver=True, runtime_env=runtime_env)
     return state
 
 

@@ -68,10 +68,14 @@ def run_trials(
     experiment: str,
     parent_run_id: str | None = None,
     scheduler=None,
+    max_concurrent_trials: int | None = None,
+    callbacks: list | None = None,
 ) -> dict[str, object]:
     """Train every trial (resuming an interrupted study); returns Tune's ResultGrid errors by label.
 
     Each finished trial's numbers are read back from MLflow by its run name (`run_name(cfg)`).
+    `max_concurrent_trials` caps how many run at once (default: as many as the cluster holds);
+    `callbacks`: Ray Tune callbacks (e.g. the trial clock of benchmarks/bench_trials.py).
     """
     ensure_ray()
     _keep_credentials_out_of_trials()
@@ -84,7 +88,7 @@ def run_trials(
     for t in trials:  # fail fast: a trial that can never be scheduled would wait forever
         check_fits(t.config.scaling.num_workers, t.config.scaling.cpus_per_worker, t.config.scaling.use_gpu,
                    f"trial {t.label!r}")
-    concurrent = max_concurrent(trials)
+    concurrent = min(max_concurrent(trials), max_concurrent_trials or len(trials))
     print(f"[tune] study {study}: {len(trials)} trials, up to {concurrent} at a time", flush=True)
 
     storage_path, fs = storage_for_ray(storage)
@@ -112,7 +116,8 @@ def run_trials(
                 metric="val_top1_err" if scheduler else None,
                 mode="min" if scheduler else None,
             ),
-            run_config=tune.RunConfig(name=study, storage_path=storage_path, storage_filesystem=fs, verbose=0),
+            run_config=tune.RunConfig(name=study, storage_path=storage_path, storage_filesystem=fs, verbose=0,
+                                      callbacks=callbacks),
         )
     grid = tuner.fit()
     errors = {}
