@@ -15,18 +15,18 @@ from pathlib import Path
 
 import ray.train
 import ray.train.torch
-import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy  # Ray 2.60 (pinned)
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2.api.config import LoggingConfig
 
-import models
-
-from . import tracking
 from .checkpoints import CHECKPOINT_FILE, CHECKSUM_FILE, checkpoint_url, load_checkpoint
 from .config import TrainConfig, derived, flatten, run_name, to_dict
-from .worker import say, train_loop_per_worker
+
+# Ray Train's controller imports this module (it unpickles the failure policy below), and every Tune
+# trial's driver does: MLflow, the model zoo and the worker loop (torchvision, the pipelines) are
+# imported where they are used, not here (train_fn.py says what that saves).
+from .train_fn import say, train_loop_per_worker
 
 # ---------------------------------------------------------------------------------------------
 # The driver: builds the trainer, records the run, logs the final model.
@@ -69,6 +69,7 @@ def preflight(cfg: TrainConfig, storage: str, checked: bool = False) -> tuple[st
     storage writable, the MLflow store reachable. Returns (storage, manifest); `checked`: the caller
     (a study or an ensemble) already probed the storage and the MLflow store, once for all its trials."""
     from . import preflight as checks
+    from . import tracking
     from .cluster import storage_url, user_path
 
     cfg.data.url = user_path(cfg.data.url, "data.url")
@@ -158,6 +159,8 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
     `checked`: the caller already ran the preflight checks (a study or ensemble checks once for all)."""
     import mlflow
 
+    from . import tracking
+
     storage, manifest = preflight(cfg, storage, checked)
     if not checked:
         check_cluster([cfg], f"training {cfg.model.name}")
@@ -182,6 +185,7 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
 
 
 def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, run_id: str, name: str, label: str) -> FitResult:
+    from . import tracking
     from .cluster import forwarded_env, storage_for_ray
 
     tracking.log_dict(client, run_id, to_dict(cfg), "config/train_config.json")
@@ -278,7 +282,12 @@ def finished_result(client, run_id: str, name: str, cfg: TrainConfig) -> FitResu
 
 def _log_final_model(client, run_id: str, cfg: TrainConfig, state: dict, checkpoint_file: Path) -> None:
     import mlflow
+    import torch
     from mlflow.models import infer_signature
+
+    import models
+
+    from . import tracking
 
     client.log_artifact(run_id, str(checkpoint_file), "checkpoint")
     if checkpoint_file.with_name(CHECKSUM_FILE).exists():
