@@ -63,11 +63,12 @@ def ensure_data(cfg: TrainConfig, source: str | None, *, asked: bool = False) ->
     shards_main(["write", "--source", source, "--out", cfg.data.url])
 
 
-def preflight(cfg: TrainConfig, storage: str, checked: bool = False) -> tuple[str, dict]:
+def preflight(cfg: TrainConfig, storage: str, checked: bool = False, manifest: dict | None = None) -> tuple[str, dict]:
     """Everything the driver can check before Ray Train starts (seconds, one line per failure):
     paths resolved where the user ran the command, the manifest readable with both splits, the
     storage writable, the MLflow store reachable. Returns (storage, manifest); `checked`: the caller
-    (a study or an ensemble) already probed the storage and the MLflow store, once for all its trials."""
+    (a study or an ensemble) already probed the storage and the MLflow store, once for all its trials;
+    `manifest`: the caller also read and checked the data's manifest (tuning.run_trials)."""
     from . import preflight as checks
     from . import tracking
     from .cluster import storage_url, user_path
@@ -76,7 +77,8 @@ def preflight(cfg: TrainConfig, storage: str, checked: bool = False) -> tuple[st
     if cfg.data.cache_dir:
         cfg.data.cache_dir = user_path(cfg.data.cache_dir, "data.cache_dir")
     storage = storage_url(storage)
-    manifest = checks.check_data(cfg.data.url, [cfg.data.train_split, cfg.data.val_split])
+    if manifest is None:
+        manifest = checks.check_data(cfg.data.url, [cfg.data.train_split, cfg.data.val_split])
     if not checked:
         checks.check_storage(storage)
         checks.check_tracking(tracking.tracking_uri())
@@ -153,15 +155,18 @@ class TrainingFailed(RuntimeError):
 
 
 def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None = None, experiment: str | None = None,
-        label: str | None = None, checked: bool = False) -> FitResult:
+        label: str | None = None, checked: bool = False, manifest: dict | None = None,
+        report_epochs: bool = True) -> FitResult:
     """Train `cfg` on the Ray cluster (starting a local one if needed); resume if this run exists.
 
-    `checked`: the caller already ran the preflight checks (a study or ensemble checks once for all)."""
+    `checked`: the caller already ran the preflight checks (a study or ensemble checks once for all);
+    `manifest`: the data's manifest, which the caller read and checked; `report_epochs`: inside a Tune
+    trial, report every epoch's metrics to Tune (what a scheduler such as ASHA needs)."""
     import mlflow
 
     from . import tracking
 
-    storage, manifest = preflight(cfg, storage, checked)
+    storage, manifest = preflight(cfg, storage, checked, manifest)
     if not checked:
         check_cluster([cfg], f"training {cfg.model.name}")
     name = run_name(cfg)
@@ -176,7 +181,7 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
     if finished:  # an earlier invocation completed this run: nothing to train again
         return finished_result(client, run_id, name, cfg)
     try:
-        return _fit_run(cfg, storage, manifest, client, uri, run_id, name, label)
+        return _fit_run(cfg, storage, manifest, client, uri, run_id, name, label, report_epochs)
     except BaseException as e:  # any failure once the run exists: FAILED, with the error, never left RUNNING
         tracking.mark_failed(client, run_id, root_cause(e) if isinstance(e, ray.train.TrainingFailedError) else e)
         if isinstance(e, ray.train.TrainingFailedError):
@@ -184,7 +189,8 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
         raise
 
 
-def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, run_id: str, name: str, label: str) -> FitResult:
+def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, run_id: str, name: str, label: str,
+             report_epochs: bool = True) -> FitResult:
     from . import tracking
     from .cluster import forwarded_env, storage_for_ray
 
@@ -193,7 +199,7 @@ def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, r
         tracking.log_dataset(client, run_id, manifest, cfg.data.url, split, context)
     print(f"[train] {label}: run {name}  (MLflow run {run_id} at {uri})", flush=True)
     callbacks = []
-    if _in_tune_session():  # per-epoch metrics to Tune (for schedulers such as ASHA)
+    if report_epochs and _in_tune_session():  # per-epoch metrics to Tune (for schedulers such as ASHA)
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())

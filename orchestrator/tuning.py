@@ -50,14 +50,27 @@ def max_concurrent(trials: list[Trial]) -> int:
     return max(1, min(n, len(trials)))
 
 
-def _trial_driver(params: dict, storage: str, experiment: str, parent_run_id: str | None, tracking_uri: str) -> None:
+def _trial_driver(params: dict, storage: str, experiment: str, parent_run_id: str | None, tracking_uri: str,
+                  manifests: dict | None = None, report_epochs: bool = True) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)  # Tune runs trials in their own working directories
     cfg = from_dict(TrainConfig, params["trial"]["train"])
     result = fit(cfg, storage, parent_run_id=parent_run_id, experiment=experiment, label=params["trial"]["label"],
-                 checked=True)
+                 checked=True, manifest=(manifests or {}).get(cfg.data.url), report_epochs=report_epochs)
     tune.report({**{k: v for k, v in result.metrics.items() if isinstance(v, int | float)}, "finished": 1})
+
+
+def _manifests(trials: list[Trial]) -> dict[str, dict]:
+    """Each data set's manifest, read and checked once here for all the trials that train on it (its
+    splits present), instead of once in every trial's driver (where reading it imported the pipelines
+    and torchvision: about 1.5 CPU-s a trial)."""
+    from .preflight import check_data
+
+    urls = sorted({t.config.data.url for t in trials})
+    return {url: check_data(url, sorted({s for t in trials if t.config.data.url == url
+                                          for s in (t.config.data.train_split, t.config.data.val_split)}))
+            for url in urls}
 
 
 def run_trials(
@@ -95,7 +108,10 @@ def run_trials(
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial_driver, storage=storage_url(storage), experiment=experiment, parent_run_id=parent_run_id,
-            tracking_uri=tracking_uri(),
+            tracking_uri=tracking_uri(), manifests=_manifests(trials),
+            # Per-epoch reports to Tune are for a scheduler (ASHA); without one, the trial reports its final
+            # metrics and Ray Tune starts no queue actor per trial for the epochs.
+            report_epochs=scheduler is not None,
         ),
         {"CPU": DRIVER_CPU},
     )
