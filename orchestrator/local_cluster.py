@@ -36,6 +36,10 @@ from pathlib import Path
 # Tune trials' drivers ask for 0.01 CPU by design, so the raylet warned "N worker processes ... Nx the
 # maximum expected startup concurrency (2)" at every start: allow more concurrent starts.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_worker_maximum_startup_concurrency": "8"}
+# Defaults for what runs on this cluster, unless the environment sets them: Ray Train's preemption
+# watcher (an actor per training run, about 1.5 CPU-s to start) watches for nodes that a cloud provider
+# drains; the nodes of this cluster are processes on this machine, which no one drains.
+LOCAL_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def token_path() -> Path:
@@ -112,7 +116,7 @@ def start(state_file: Path, *, num_cpus: float | None = None, resources: dict | 
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     # RAY_ADDRESS in every process of the cluster: Ray Train's helpers look their cluster up by "auto",
     # which fails with "Found multiple active Ray instances" when another cluster runs on the machine.
-    env = {**(os.environ if env is None else env), **LOOPBACK_ENV, "RAY_AUTH_MODE": "token",
+    env = {**LOCAL_DEFAULTS, **(os.environ if env is None else env), **LOOPBACK_ENV, "RAY_AUTH_MODE": "token",
            "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
     _run_ray(
         ["start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -132,7 +136,7 @@ def add_node(state_file: Path, *, num_cpus: float | None = None, resources: dict
     """Start one more node of the cluster in `state_file` (e.g. a second 'machine' for drills)."""
     state = json.loads(state_file.read_text())
     ports, _ = _node_ports()
-    env = {**(os.environ if env is None else env), **LOOPBACK_ENV, "RAY_AUTH_MODE": "token",
+    env = {**LOCAL_DEFAULTS, **(os.environ if env is None else env), **LOOPBACK_ENV, "RAY_AUTH_MODE": "token",
            "RAY_ADDRESS": state["gcs_address"]}
     # With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps the node on 127.0.0.1) `ray start --address`
     # refuses to add a node ("Multi-node Ray clusters are not supported on Windows and OSX"). Run the
@@ -192,6 +196,8 @@ def connect(state_file: Path | None = None, *, runtime_env: dict | None = None, 
         state_file = Path(name)
     state = start(state_file, **start_kwargs)
     atexit.register(stop, state_file)
+    for k, v in LOCAL_DEFAULTS.items():  # this driver starts Ray Train runs too (the `train` command)
+        os.environ.setdefault(k, v)
     enable_token_auth()
     ray.init(address=state["gcs_address"], log_to_driver=True, runtime_env=runtime_env)
     return state
