@@ -90,7 +90,8 @@ def run_trials(
     max_concurrent_trials: int | None = None,
     callbacks: list | None = None,
 ) -> dict[str, object]:
-    """Train every trial (resuming an interrupted study); returns Tune's ResultGrid errors by label.
+    """Train every trial (resuming an interrupted study); returns the errors of the trials that failed, by
+    label (what their drivers raised).
 
     Each finished trial's numbers are read back from MLflow by its run name (`run_name(cfg)`).
     `max_concurrent_trials` caps how many run at once (default: as many as the cluster holds);
@@ -149,5 +150,13 @@ def run_trials(
     for result in grid:
         label = result.config["trial"]["label"]
         if result.error:
-            errors[label] = result.error
+            errors[label] = _raised(result.error)
     return errors
+
+
+def _raised(err: BaseException) -> BaseException:
+    """What the trial's driver raised (e.g. `train.TrainingFailed`, whose message is the root cause in one
+    line), without Ray's wrapping: the actor's name, pid and ids, then the traceback, on many lines."""
+    while isinstance(err, ray.exceptions.RayTaskError) and getattr(err, "cause", None) is not None:
+        err = err.cause
+    return err
