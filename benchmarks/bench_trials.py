@@ -6,15 +6,17 @@ path (`orchestrator.tuning.run_trials` -> `orchestrator.train.fit` -> TorchTrain
     .venv/bin/python benchmarks/bench_trials.py --trials 6 --concurrent 3 --model resnet20
 
 Per trial it prints:
-- start -> 1st step: from Ray's creation of the trial's actor (Tune has its resources) to the first
-  optimizer step of any worker;
+- start -> 1st step: from Ray's creation of the trial's actor, or Tune's reset of a reused one (Tune has
+  its resources), to the first optimizer step of any worker;
 - training: first to last optimizer step;
 - last step -> end: to Tune's `on_trial_complete` (evaluation, checkpoint, MLflow, teardown);
 - CPU-seconds, from each process's own counters (psutil, sampled every 0.2 s until it exits): the Tune
-  driver (the trial's `ImplicitFunc` actor), the TrainController, the other Train actors, and the
-  training workers (their data-loader processes included);
-- where the start-up went: the trial actor's start and `__init__`, the driver's work before it creates
-  the TrainController, the controller's start, the workers' start, and the workers' own set-up.
+  driver (the trial's `ImplicitFunc` actor, between the trial's start and end), the TrainController, the
+  other actors the trial started (Ray Train's, and Tune's queue), and the training workers (their
+  data-loader processes included);
+- where the start-up went: the driver's start (a new process, or a reused one), its work before it
+  creates the TrainController, the controller's start, the workers' start, `init_train_context`, and
+  the train function up to the first step.
 The reference: the same config's epoch (model, loader, train_step, evaluation, a checkpoint) in
 `scaling.num_workers` processes with gloo, started as `torchrun` would start them; the same clock.
 
@@ -249,8 +251,9 @@ def classify(name: str) -> str:
 
 def analyse(trials: list, tasks: dict, clock: dict, tune_clock, sampler: CpuSampler) -> list[dict]:
     """Per trial: its TrainController (found from the worker that stepped), everything that controller
-    started, and the Tune driver actor that started the controller; with Tune's actor reuse a driver
-    process runs several trials, and its CPU is counted between each trial's start and end."""
+    started, the Tune driver actor that started the controller and the other actors that driver started
+    during the trial; with Tune's actor reuse a driver process runs several trials, and its CPU is
+    counted between each trial's start and end."""
     from orchestrator.config import run_name
 
     creation, parent = actor_tree(tasks)
@@ -283,7 +286,9 @@ def analyse(trials: list, tasks: dict, clock: dict, tune_clock, sampler: CpuSamp
         start = begins[-1]["created"]
         ready = min((t["started"] for t in d_tasks if t["name"].endswith(".train") and t["created"] >= start), default=None)
         end = tune_clock.ended.get(label)
-        train_actors = [aid for aid in creation if under(aid, ctrl) and not creation[aid]["name"].startswith(CLUSTER_ACTORS)]
+        # The actors this trial started: the controller's, and the driver's own during the trial (Tune's queue).
+        train_actors = [aid for aid in creation if not creation[aid]["name"].startswith(CLUSTER_ACTORS) and (
+            under(aid, ctrl) or (parent.get(aid) == driver and start <= creation[aid]["created"] <= (end or 1e18)))]
         by_kind: dict[str, list] = {}
         for aid in train_actors:
             by_kind.setdefault(classify(creation[aid]["name"]), []).append(aid)
@@ -488,7 +493,7 @@ def report(args, trials, rows, ref, study_wall, driver_cpu, load_start, load_end
           f"{cfg.scaling.num_workers} worker(s) x {cfg.scaling.cpus_per_worker:g} CPU, {args.concurrent} at a time; "
           f"the study took {study_wall:.1f} s; the Tune driver process (this one) used {driver_cpu:.1f} CPU-s")
     head = (f"{'trial':<12} {'start->1st step':>15} {'training':>9} {'last step->end':>15}   CPU-s: "
-            f"{'tune driver':>11} {'controller':>10} {'other Train':>11} {'workers':>8}  control/workers")
+            f"{'tune driver':>11} {'controller':>10} {'other actors':>12} {'workers':>8}  control/workers")
     print(head)
     for r in rows:
         if "error" in r:
@@ -497,7 +502,7 @@ def report(args, trials, rows, ref, study_wall, driver_cpu, load_start, load_end
         c = r["cpu"]
         control = c["tune_driver"] + c["controller"] + c["other_train_actors"]
         print(f"{r['label']:<12} {fmt(r['to_first'], ' s', 13)} {fmt(r['training'], ' s', 7)} {fmt(r['after_last'], ' s', 13)}"
-              f"          {c['tune_driver']:11.1f} {c['controller']:10.1f} {c['other_train_actors']:11.1f} "
+              f"          {c['tune_driver']:11.1f} {c['controller']:10.1f} {c['other_train_actors']:12.1f} "
               f"{c['workers']:8.1f}  {control / max(c['workers'], 1e-9):8.2f}")
     ok = [r for r in rows if "error" not in r]
     if ok:
@@ -506,7 +511,8 @@ def report(args, trials, rows, ref, study_wall, driver_cpu, load_start, load_end
         print("where the start went (s):")
         for r in ok:
             print(f"  {r['label']:<12} " + ", ".join(f"{k} {fmt(v, '', 0).strip()}" for k, v in r["phases"].items()))
-        print("Train processes per trial: " + ", ".join(f"{k} {v}" for k, v in ok[-1]["processes"].items()))
+        print("processes per trial (last trial; the driver's besides): " + ", ".join(
+            f"{k.replace('_', ' ')} {v}" for k, v in ok[-1]["processes"].items()))
     if ref:
         print(f"{'plain torch.distributed':<24} start->1st step {ref['to_first']:.1f} s, training {ref['training']:.1f} s, "
               f"last step->end {ref['after_last']:.1f} s, {ref['cpu']:.1f} CPU-s in all")
