@@ -196,7 +196,7 @@ def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, r
 
     tracking.log_dict(client, run_id, to_dict(cfg), "config/train_config.json")
     for split, context in ((cfg.data.train_split, "training"), (cfg.data.val_split, "validation")):
-        tracking.log_dataset(client, run_id, manifest, cfg.data.url, split, context)
+        _log_dataset(client, run_id, manifest, cfg.data.url, split, context)
     print(f"[train] {label}: run {name}  (MLflow run {run_id} at {uri})", flush=True)
     callbacks = []
     if report_epochs and _in_tune_session():  # per-epoch metrics to Tune (for schedulers such as ASHA)
@@ -253,6 +253,27 @@ def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, r
         flush=True,
     )
     return FitResult(name, run_id, final, str(local_dir / CHECKPOINT_FILE), cfg)
+
+
+def _log_dataset(client, run_id: str, manifest: dict, url: str, split: str, context: str, attempts: int = 3) -> None:
+    """`tracking.log_dataset`, tried again on an MLflow error: MLflow's SQL store looks the dataset up, then
+    inserts it, so two trials that log the same data at the same moment collide on its unique key (seen
+    from a fresh clone: a member failed with `UNIQUE constraint failed: datasets.experiment_id, ...`); the
+    next try finds the other trial's row and links it."""
+    import time
+
+    import mlflow
+
+    from . import tracking
+
+    for attempt in range(1, attempts + 1):
+        try:
+            tracking.log_dataset(client, run_id, manifest, url, split, context)
+            return
+        except mlflow.exceptions.MlflowException:
+            if attempt == attempts:
+                raise
+            time.sleep(0.2 * attempt)
 
 
 def _in_tune_session() -> bool:
