@@ -154,9 +154,17 @@ def run_trials(
     return errors
 
 
+class TrialError(RuntimeError):
+    """A trial's error whose own message spans lines, in one line: its type and its first line."""
+
+
 def _raised(err: BaseException) -> BaseException:
     """What the trial's driver raised (e.g. `train.TrainingFailed`, whose message is the root cause in one
-    line), without Ray's wrapping: the actor's name, pid and ids, then the traceback, on many lines."""
+    line), without Ray's wrapping: the actor's name, pid and ids, then the traceback, on many lines. An
+    error of many lines (SQLAlchemy's add the statement and its parameters) becomes a `TrialError`."""
     while isinstance(err, ray.exceptions.RayTaskError) and getattr(err, "cause", None) is not None:
         err = err.cause
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return TrialError(f"{type(err).__name__}: {lines[0]}")
     return err
