@@ -214,8 +214,9 @@ def connect(state_file: Path | None = None, *, runtime_env: dict | None = None, 
     # SIGKILL and stayed, parented to init).
     atexit.register(disconnect_and_stop, state_file)
     state = start(state_file, watch_pid=os.getpid(), **start_kwargs)
-    print(f"[ray] a local Ray cluster for this command (dashboard http://127.0.0.1:{state['dashboard_port']}, logs "
-          f"{state['temp_dir']}/session_latest/logs); it stops when the command ends", flush=True)
+    print(f"[ray] a local Ray cluster for this command (dashboard http://127.0.0.1:{state['dashboard_port']}, "
+          f"GCS {state['gcs_address']}, logs {state['temp_dir']}/session_latest/logs); it stops when the command "
+          "ends", flush=True)
     for k, v in LOCAL_DEFAULTS.items():  # this driver starts Ray Train runs too (the `train` command)
         os.environ.setdefault(k, v)
     enable_token_auth()
@@ -260,16 +261,24 @@ def _exit_for_signal(signum, frame) -> None:
 
 
 def cluster_processes(state: dict) -> list:
-    """Every process of this cluster: those whose command line names its temp dir, and their children."""
+    """Every process of this cluster: those whose command line names its temp dir or its GCS address (Ray's
+    client server, `ray.util.client.server --address=GCS`, names only that, and outlived every stop
+    before: it stays minutes after its GCS is gone), and their children."""
     import psutil
 
     markers = [state["temp_dir"], *state.get("node_temp_dirs", [])]
+    gcs = state.get("gcs_address")
+
+    def ours(cmdline: list[str]) -> bool:
+        return any(m in part for part in cmdline for m in markers) or bool(
+            gcs and any(part.startswith("--") and part.split("=", 1)[-1] == gcs for part in cmdline))
+
     me = psutil.Process()
     skip = {me.pid, *(p.pid for p in me.parents())}  # the caller's command line may name the folder too
     found = {}
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if p.pid not in skip and any(m in part for part in (p.info["cmdline"] or []) for m in markers):
+            if p.pid not in skip and ours(p.info["cmdline"] or []):
                 found[p.pid] = p
                 for c in p.children(recursive=True):
                     found[c.pid] = c

@@ -24,7 +24,7 @@ from orchestrator.local_cluster import cluster_processes, start, stop
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-CLUSTER_LOGS = re.compile(r"logs (/tmp/ray-[A-Za-z0-9_]+)/session_latest/logs")
+CLUSTER = re.compile(r"GCS (127\.0\.0\.1:\d+), logs (/tmp/ray-[A-Za-z0-9_]+)/session_latest/logs")
 MEMBER = json.dumps([{"label": "r8", "model": "resnet8"}])
 
 
@@ -44,8 +44,9 @@ def user_env(tmp: Path) -> dict:
     return env
 
 
-def leftovers(temp_dir: str) -> list[str]:
-    procs = cluster_processes({"temp_dir": temp_dir})
+def leftovers(cluster: dict) -> list[str]:
+    """The processes of a cluster (its temp dir or its GCS address on their command line) still running."""
+    procs = cluster_processes(cluster)
     out = []
     for p in procs:
         try:
@@ -55,12 +56,12 @@ def leftovers(temp_dir: str) -> list[str]:
     return out
 
 
-def wait_until_gone(temp_dir: str, timeout: float) -> list[str]:
+def wait_until_gone(cluster: dict, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
-    left = leftovers(temp_dir)
+    left = leftovers(cluster)
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
-        left = leftovers(temp_dir)
+        left = leftovers(cluster)
     return left
 
 
@@ -85,10 +86,10 @@ class Command:
             time.sleep(0.5)
         raise AssertionError(f"no {pattern!r} within {timeout:.0f} s:\n{self.text()[-3000:]}")
 
-    def temp_dir(self) -> str:
-        found = CLUSTER_LOGS.search(self.text())
-        assert found, f"the command names its cluster's logs:\n{self.text()[-3000:]}"
-        return found.group(1)
+    def cluster(self) -> dict:
+        found = CLUSTER.search(self.text())
+        assert found, f"the command names its cluster's GCS and logs:\n{self.text()[-3000:]}"
+        return {"gcs_address": found.group(1), "temp_dir": found.group(2)}
 
 
 def run(argv: list[str], env: dict, cwd: Path, timeout: float = 900) -> tuple[int, str]:
@@ -106,7 +107,7 @@ def test_a_command_that_starts_its_own_cluster_exits_0_and_leaves_nothing(name, 
     assert rc == 0, log[-4000:]
     assert ("[done] registered" if name == "ensemble" else "[ablate] report logged") in log
     assert "Attempting to recover" not in log
-    assert leftovers(c.temp_dir()) == [], "the cluster stops before the command exits"
+    assert leftovers(c.cluster()) == [], "the cluster stops before the command exits"
 
 
 def test_a_command_whose_training_fails_exits_1_with_one_line_and_leaves_nothing(digits_url, tmp_path):
@@ -128,7 +129,7 @@ def test_a_command_whose_training_fails_exits_1_with_one_line_and_leaves_nothing
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training failed" in errors[0] and "r8" in errors[0], log[-4000:]
     assert log.rstrip().splitlines()[-1] == errors[0], "the error is the command's last line"
-    assert leftovers(c.temp_dir()) == []
+    assert leftovers(c.cluster()) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
@@ -136,16 +137,16 @@ def test_a_command_killed_mid_run_leaves_none_of_its_cluster(sig, digits_url, tm
     argv = [sys.executable, "-m", "orchestrator.run", *commands(digits_url, tmp_path / "runs", epochs=20)["ensemble"]]
     c = Command(argv, user_env(tmp_path), tmp_path)
     c.wait_for(r"\[r8\] epoch 1/20")  # mid-run: every actor of the trial is up
-    temp_dir = c.temp_dir()
-    assert leftovers(temp_dir), "the cluster runs"
+    cluster = c.cluster()
+    assert leftovers(cluster), "the cluster runs"
     c.proc.send_signal(sig)
     rc = c.proc.wait(timeout=120)
     assert rc != 0, "an interrupted command did not finish its work"
     if sig == signal.SIGTERM:
         assert "error: stopped by SIGTERM; stopping the local Ray cluster" in c.text(), c.text()[-3000:]
-        assert leftovers(temp_dir) == [], "stopped before the command exits"
+        assert leftovers(cluster) == [], "stopped before the command exits"
     # SIGKILL ends the command at once: its watchdog stops the cluster (SIGINT stops it on the way out).
-    assert wait_until_gone(temp_dir, 60) == []
+    assert wait_until_gone(cluster, 60) == []
 
 
 def test_run_sh_killed_mid_run_leaves_none_of_its_cluster_or_its_submission(digits_url, tmp_path):
@@ -156,12 +157,12 @@ def test_run_sh_killed_mid_run_leaves_none_of_its_cluster_or_its_submission(digi
     (tmp_path / "home").mkdir()
     c = Command(["bash", str(ROOT / "scripts" / "run.sh"), f"members={MEMBER}", "train.schedule.epochs=20"], env, tmp_path)
     c.wait_for(r"\[r8\] epoch 1/20")
-    temp_dir = c.temp_dir()
+    cluster = c.cluster()
     children = psutil.Process(c.proc.pid).children(recursive=True)
     assert any("orchestrator.submit" in " ".join(p.cmdline()) or "job" in p.cmdline() for p in children)
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(timeout=120) == 128 + signal.SIGTERM
-    assert leftovers(temp_dir) == [], "stopped before the script exits"
+    assert leftovers(cluster) == [], "stopped before the script exits"
 
     def running(p) -> bool:
         try:

@@ -82,10 +82,10 @@ def test_none_of_its_cluster_remains(first_run):
     """run.sh stopped its cluster (all of it: the GCS ignores SIGTERM while raylets are up) before it exited."""
     from orchestrator.local_cluster import cluster_processes
 
-    temp_dirs = _temp_dirs(first_run)
-    assert temp_dirs, "run.sh names its cluster's log folder"
-    for d in temp_dirs:
-        left = [" ".join(p.cmdline())[:120] for p in cluster_processes({"temp_dir": d})]
+    clusters = re.findall(r"GCS (127\.0\.0\.1:\d+), logs (/tmp/ray-[A-Za-z0-9_]+)/session_latest/logs", first_run["log"])
+    assert clusters, "run.sh names its cluster's GCS and log folder"
+    for gcs, temp_dir in clusters:
+        left = [" ".join(p.cmdline())[:120] for p in cluster_processes({"temp_dir": temp_dir, "gcs_address": gcs})]
         assert left == [], left
 
 
