@@ -57,8 +57,9 @@ def _trial_driver(params: dict, storage: str, experiment: str, parent_run_id: st
     import mlflow
 
     # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s):
-    # a trial noticed its last report and then its end up to two polls late (measured: about 3 s of every
-    # trial). Ray Train passes this process's setting on to the controller that fit() starts.
+    # a trial noticed its last report and then its end up to two polls late. Ray Train passes this process's
+    # setting on to the controller that fit() starts. (With the reuse below: last step to the trial's end
+    # 6.0 -> 2.0 s, BENCHMARKS.md, issue 20.)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     mlflow.set_tracking_uri(tracking_uri)  # Tune runs trials in their own working directories
     cfg = from_dict(TrainConfig, params["trial"]["train"])
@@ -69,8 +70,8 @@ def _trial_driver(params: dict, storage: str, experiment: str, parent_run_id: st
 
 def _manifests(trials: list[Trial]) -> dict[str, dict]:
     """Each data set's manifest, read and checked once here for all the trials that train on it (its
-    splits present), instead of once in every trial's driver (where reading it imported the pipelines
-    and torchvision: about 1.5 CPU-s a trial)."""
+    splits present), instead of once in every trial's driver, where reading it imported the loader and
+    torchvision (1.2 CPU-s)."""
     from .preflight import check_data
 
     urls = sorted({t.config.data.url for t in trials})
@@ -136,7 +137,8 @@ def run_trials(
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=concurrent,
                 # A finished trial's driver process runs the next trial: its start-up (a Ray worker, then
-                # importing Tune, Ray Train, torch and MLflow: measured about 4 CPU-s) is paid once per slot.
+                # importing Tune, Ray Train, torch and MLflow, and matplotlib and mlflow.pytorch for the final
+                # model) is paid once per slot. Measured: 6-8 CPU-s a trial in a new process, 0.3 reused.
                 reuse_actors=True,
                 scheduler=scheduler,
                 metric="val_top1_err" if scheduler else None,
