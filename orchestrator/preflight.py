@@ -110,10 +110,12 @@ def preflight(*, data: Sequence[Data] = (), storage: str | None = None, tracking
     return out
 
 
-def for_training(cfg: TrainConfig, storage: str, *, checked: bool = False) -> tuple[str, dict]:
+def for_training(cfg: TrainConfig, storage: str, *, checked: bool = False,
+                 manifest: dict | None = None) -> tuple[str, dict]:
     """One training run's checks (`train.fit`): paths resolved where the user ran the command, the manifest
     with both splits, and unless a study or an ensemble already `checked` them once for all its trials:
-    the storage, the MLflow store and the cluster. Returns (storage, manifest)."""
+    the storage, the MLflow store and the cluster. Returns (storage, manifest); `manifest`: the caller
+    (`tuning.run_trials`) already read and checked it."""
     from .cluster import storage_url, user_path
 
     cfg.data.url = user_path(cfg.data.url, "data.url")
@@ -121,7 +123,7 @@ def for_training(cfg: TrainConfig, storage: str, *, checked: bool = False) -> tu
         cfg.data.cache_dir = user_path(cfg.data.cache_dir, "data.cache_dir")
     data = [Data(cfg.data.url, (cfg.data.train_split, cfg.data.val_split))]
     if checked:
-        return storage_url(storage), preflight(data=data).manifests[cfg.data.url]
+        return storage_url(storage), manifest or preflight(data=data).manifests[cfg.data.url]
     before = preflight(data=data, storage=storage, tracking=True, workers=[Workers.of(cfg, f"training {cfg.model.name}")])
     return before.storage, before.manifests[cfg.data.url]
 

@@ -39,7 +39,22 @@ def tracking_uri() -> str:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     if mlflow.get_tracking_uri() != uri:  # the fluent API (log_model, start_run) uses the same store
         mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store(uri)
     return uri
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """A new SQLite store is created here, its `Default` experiment's artifacts beside it
+    (`mlartifacts/Default/0`). MLflow puts them in `./mlruns` of the folder the first client ran in:
+    under `ray job submit` that was Ray's package cache, which Ray deletes (found after
+    `bash scripts/run.sh`), and a notebook logging to `Default` with the same store lost its artifacts."""
+    db = Path(uri[len("sqlite:///"):])
+    if db.exists() or not db.parent.is_dir():  # a missing folder is the preflight's error to report
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(uri, artifact_root(uri, "Default"))
 
 
 def artifact_root(uri: str, name: str) -> str | None:

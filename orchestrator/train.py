@@ -15,17 +15,17 @@ from pathlib import Path
 
 import ray.train
 import ray.train.torch
-import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-import models
-
-from . import tracking
 from .checkpoints import CHECKPOINT_FILE, CHECKSUM_FILE, checkpoint_url, load_checkpoint
 from .config import TrainConfig, derived, flatten, run_name, to_dict
 from .controller import FailFast, epoch_reports_to_tune
 from .preflight import for_training
-from .worker import say, train_loop_per_worker
+
+# Ray Train's controller imports this module (the trainer names the loop through it), and every Tune
+# trial's driver does: MLflow, the model zoo and the worker loop (torchvision, the pipelines) are
+# imported where they are used, not here (train_fn.py says what that saves).
+from .train_fn import say, train_loop_per_worker
 
 # ---------------------------------------------------------------------------------------------
 # The driver: builds the trainer, records the run, logs the final model.
@@ -61,13 +61,18 @@ class TrainingFailed(RuntimeError):
 
 
 def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None = None, experiment: str | None = None,
-        label: str | None = None, checked: bool = False) -> FitResult:
+        label: str | None = None, checked: bool = False, manifest: dict | None = None,
+        report_epochs: bool = False) -> FitResult:
     """Train `cfg` on the Ray cluster (starting a local one if needed); resume if this run exists.
 
-    `checked`: the caller already ran the preflight checks (a study or ensemble checks once for all)."""
+    `checked`: the caller already ran the preflight checks (a study or ensemble checks once for all);
+    `manifest`: the data's manifest, which the caller read and checked; `report_epochs`: the caller is a Tune
+    trial whose scheduler (ASHA) needs every epoch's metrics (`tuning.run_trials` says so)."""
     import mlflow
 
-    storage, manifest = for_training(cfg, storage, checked=checked)
+    from . import tracking
+
+    storage, manifest = for_training(cfg, storage, checked=checked, manifest=manifest)
     name = run_name(cfg)
     label = label or name
     uri = tracking.tracking_uri()
@@ -80,7 +85,7 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
     if finished:  # an earlier invocation completed this run: nothing to train again
         return finished_result(client, run_id, name, cfg)
     try:
-        return _fit_run(cfg, storage, manifest, client, uri, run_id, name, label)
+        return _fit_run(cfg, storage, manifest, client, uri, run_id, name, label, report_epochs)
     except BaseException as e:  # any failure once the run exists: FAILED, with the error, never left RUNNING
         tracking.mark_failed(client, run_id, root_cause(e) if isinstance(e, ray.train.TrainingFailedError) else e)
         if isinstance(e, ray.train.TrainingFailedError):
@@ -88,13 +93,16 @@ def fit(cfg: TrainConfig, storage: str = "./runs", *, parent_run_id: str | None 
         raise
 
 
-def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, run_id: str, name: str, label: str) -> FitResult:
+def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, run_id: str, name: str, label: str,
+             report_epochs: bool = False) -> FitResult:
+    from . import tracking
+
     tracking.log_dict(client, run_id, to_dict(cfg), "config/train_config.json")
     for split, context in ((cfg.data.train_split, "training"), (cfg.data.val_split, "validation")):
-        tracking.log_dataset(client, run_id, manifest, cfg.data.url, split, context)
+        _log_dataset(client, run_id, manifest, cfg.data.url, split, context)
     print(f"[train] {label}: run {name}  (MLflow run {run_id} at {uri})", flush=True)
     result = _train(cfg, storage, name, label, {"train": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id,
-                                                "name": name, "label": label})
+                                                "name": name, "label": label}, report_epochs)
 
     local_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     with result.checkpoint.as_directory() as ckpt_dir:
@@ -117,7 +125,8 @@ def _fit_run(cfg: TrainConfig, storage: str, manifest: dict, client, uri: str, r
     return FitResult(name, run_id, final, str(local_dir / CHECKPOINT_FILE), cfg)
 
 
-def trainer(cfg: TrainConfig, storage: str, name: str, loop_config: dict) -> ray.train.torch.TorchTrainer:
+def trainer(cfg: TrainConfig, storage: str, name: str, loop_config: dict,
+            report_epochs: bool = False) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer of one run, from Ray's public configuration only."""
     from .cluster import forwarded_env, storage_for_ray
 
@@ -129,7 +138,7 @@ def trainer(cfg: TrainConfig, storage: str, name: str, loop_config: dict) -> ray
     start_timeout = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
     controller_retries = max(1, math.ceil(cfg.checkpoint.node_wait_s / start_timeout))
     callbacks = [FailFast()]
-    if _in_tune_session():  # per-epoch metrics to Tune (for schedulers such as ASHA)
+    if report_epochs:  # per-epoch metrics to the Tune trial (for schedulers such as ASHA)
         callbacks.append(epoch_reports_to_tune())
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -161,7 +170,7 @@ def trainer(cfg: TrainConfig, storage: str, name: str, loop_config: dict) -> ray
     )
 
 
-def _train(cfg: TrainConfig, storage: str, name: str, label: str, loop_config: dict):
+def _train(cfg: TrainConfig, storage: str, name: str, label: str, loop_config: dict, report_epochs: bool = False):
     """`trainer(...).fit()`, again from the last committed checkpoint after a controller error that a
     retry can fix (an S3 error while Ray's controller deleted an old checkpoint or wrote its snapshot),
     at most checkpoint.max_failures times. Worker failures are retried by Ray itself; errors that a
@@ -170,7 +179,7 @@ def _train(cfg: TrainConfig, storage: str, name: str, label: str, loop_config: d
 
     for attempt in range(cfg.checkpoint.max_failures + 1):
         try:
-            return trainer(cfg, storage, name, loop_config).fit()
+            return trainer(cfg, storage, name, loop_config, report_epochs).fit()
         except ray.train.TrainingFailedError as e:
             err = e
         cause = getattr(err, "controller_failure", None)
@@ -203,10 +212,25 @@ def prune_checkpoints(result, storage: str, name: str) -> None:
         say(f"[checkpoint] warning: could not prune old checkpoints under {run_dir} ({str(e).splitlines()[0]}); they stay")
 
 
-def _in_tune_session() -> bool:
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session as in_tune
+def _log_dataset(client, run_id: str, manifest: dict, url: str, split: str, context: str, attempts: int = 3) -> None:
+    """`tracking.log_dataset`, tried again on an MLflow error: MLflow's SQL store looks the dataset up, then
+    inserts it, so two trials that log the same data at the same moment collide on its unique key (seen
+    from a fresh clone: a member failed with `UNIQUE constraint failed: datasets.experiment_id, ...`); the
+    next try finds the other trial's row and links it."""
+    import time
 
-    return in_tune()
+    import mlflow
+
+    from . import tracking
+
+    for attempt in range(1, attempts + 1):
+        try:
+            tracking.log_dataset(client, run_id, manifest, url, split, context)
+            return
+        except mlflow.exceptions.MlflowException:
+            if attempt == attempts:
+                raise
+            time.sleep(0.2 * attempt)
 
 
 def download_checkpoint(client, run_id: str) -> tuple[str, dict]:
@@ -236,7 +260,12 @@ def finished_result(client, run_id: str, name: str, cfg: TrainConfig) -> FitResu
 
 def _log_final_model(client, run_id: str, cfg: TrainConfig, state: dict, checkpoint_file: Path) -> None:
     import mlflow
+    import torch
     from mlflow.models import infer_signature
+
+    import models
+
+    from . import tracking
 
     client.log_artifact(run_id, str(checkpoint_file), "checkpoint")
     if checkpoint_file.with_name(CHECKSUM_FILE).exists():

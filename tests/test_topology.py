@@ -110,7 +110,9 @@ def topology(tmp_path_factory):
     node_env.update({"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint,
                      "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
                      # Short enough for the lost-node drill; the default is 60 s a try.
-                     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"})
+                     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
+                     # These nodes are drained in the preemption drill (private clusters leave it off).
+                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"})
     s3c = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="topology", aws_secret_access_key=SENTINEL,
                        region_name="us-east-1")
     s3c.create_bucket(Bucket=BUCKET)
