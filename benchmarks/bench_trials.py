@@ -445,9 +445,9 @@ def bench(args) -> int:
     folder = str(clock_dir)
     state = local_cluster.connect(state_file, runtime_env={"worker_process_setup_hook": lambda: install_step_clock(folder)},
                                   **kwargs)
-    from orchestrator.cluster import _drop_known_noise
+    from orchestrator.ray_compat import drop_known_noise
 
-    _drop_known_noise()
+    drop_known_noise()
     raylet = [p.pid for p in local_cluster.cluster_processes(state) if "raylet" in " ".join(p.cmdline()[:1])]
     sampler = CpuSampler(raylet)
     sampler.start()

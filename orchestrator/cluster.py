@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -136,7 +135,7 @@ def ensure_ray() -> None:
         return
     token = Path.home() / ".ray" / "auth_token"
     if os.environ.get("RAY_ADDRESS") and token.exists() and not os.environ.get("RAY_AUTH_MODE"):
-        from .local_cluster import enable_token_auth
+        from .ray_compat import enable_token_auth
 
         enable_token_auth()
     if os.environ.get("RAY_ADDRESS"):
@@ -148,39 +147,10 @@ def ensure_ray() -> None:
         from .local_cluster import connect
 
         connect()
-    _drop_known_noise()
+    from .ray_compat import check_version, drop_known_noise
 
-
-# Lines Ray and MLflow print that a user can do nothing about; everything else reaches the console.
-KNOWN_NOISE = re.compile("|".join([
-    r"PYTHON worker processes have been started on node",  # raylet: fractional-CPU Tune drivers, by design
-    r"has constructor arguments in the object store and max_restarts > 0",  # Ray Train's own PreemptionWatcher
-    r"State API may be temporarily unavailable", r"Failed to query Ray Train Controller actor state",
-    r"Saving pytorch model by Pickle or CloudPickle",  # deliberate: the nets stay fully convolutional
-    r"Passing a Python object as `python_model` causes it to be serialized",  # deliberate, see ensemble_model
-    r"Add type hints to the `predict` method", r"^\s*color_warning\(",  # our signature is explicit
-]))
-
-
-def _drop_known_noise() -> None:
-    """Filter the worker log lines streamed to this driver (Ray 2.60's dispatcher, pinned)."""
-    import functools
-
-    from ray._private import worker as ray_worker
-
-    dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    if not any(name == "ray_print_logs" for name, _ in getattr(dispatcher, "handlers", [])):
-        return
-    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
-    print_logs = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
-
-    def filtered(data: dict) -> None:
-        lines = [line for line in data.get("lines", []) if not KNOWN_NOISE.search(line)]
-        if lines:
-            print_logs({**data, "lines": lines})
-
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", filtered)
+    check_version()
+    drop_known_noise()
 
 
 def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str = "the job") -> None:

@@ -150,18 +150,15 @@ def add_node(state_file: Path, *, num_cpus: float | None = None, resources: dict
     # With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps the node on 127.0.0.1) `ray start --address`
     # refuses to add a node ("Multi-node Ray clusters are not supported on Windows and OSX"). Run the
     # same CLI with only that refusal lifted: this process keeps 127.0.0.1 as given, and the node's own
-    # processes inherit the variable, so they bind loopback like the head's (Ray 2.60, pinned).
-    lift = (
-        "import sys; import ray._private.ray_constants as c; import ray._private.services as s; "
-        "s.resolve_ip_for_localhost = lambda a: a; c.ENABLE_RAY_CLUSTER = True; "
-        "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()"
-    )
+    # processes inherit the variable, so they bind loopback like the head's (see ray_compat).
+    from .ray_compat import LOOPBACK_NODE_CLI
+
     # Its own temp dir, as another machine has its own disk: nodes sharing one would share Ray's package
     # cache, and one node's garbage collection deleted the working directory another node's job ran in.
     node_temp = tempfile.mkdtemp(prefix="ray-node-", dir="/tmp")
     argv = ["start", f"--address={state['gcs_address']}", f"--temp-dir={node_temp}",
             *_node_flags(ports, num_cpus, resources)]
-    _run_ray(argv, env, cli=[sys.executable, "-c", lift])
+    _run_ray(argv, env, cli=[sys.executable, "-c", LOOPBACK_NODE_CLI])
     state["nodes"] = state.get("nodes", 1) + 1
     state.setdefault("node_manager_ports", []).append(ports["node_manager_port"])
     state.setdefault("node_temp_dirs", []).append(node_temp)
@@ -183,13 +180,6 @@ def _wait_for_dashboard(state: dict, timeout: float) -> None:
         except OSError:
             time.sleep(0.5)
     raise LocalClusterError(f"the Ray dashboard did not answer on {url} within {timeout:.0f} s")
-
-
-def enable_token_auth() -> None:
-    """RAY_AUTH_MODE=token for this process, also when Ray is already imported (it caches its config)."""
-    from ray._private.authentication.authentication_token_setup import _enable_token_auth
-
-    _enable_token_auth()  # sets the variable and re-reads Ray's config (Ray 2.60, pinned)
 
 
 def connect(state_file: Path | None = None, *, runtime_env: dict | None = None, **start_kwargs) -> dict:
@@ -219,6 +209,8 @@ def connect(state_file: Path | None = None, *, runtime_env: dict | None = None, 
           "ends", flush=True)
     for k, v in LOCAL_DEFAULTS.items():  # this driver starts Ray Train runs too (the `train` command)
         os.environ.setdefault(k, v)
+    from .ray_compat import enable_token_auth
+
     enable_token_auth()
     ray.init(address=state["gcs_address"], log_to_driver=True, runtime_env=runtime_env)
     _exit_on_signals(replace=True)  # Ray's core worker put its crash handler on SIGTERM (it aborts, exit 134)

@@ -16,21 +16,11 @@ from ray import tune
 
 from .cluster import check_fits, ensure_ray, storage_for_ray, storage_url
 from .config import TrainConfig, from_dict, run_name, to_dict
+from .ray_compat import keep_credentials_out_of_trials
 from .tracking import tracking_uri
 from .train import fit
 
 DRIVER_CPU = 0.01  # the trial's driver only waits on its TorchTrainer; 0 is refused by Tune
-
-
-def _keep_credentials_out_of_trials() -> None:
-    """Ray Tune copies AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the session tokens from the driver into
-    every trial's runtime_env (ray/tune/execution/class_cache.py), and Ray writes runtime envs to its logs
-    in plain text (measured: runtime_env_agent.log) and shows them in its state API. Credentials never
-    travel with a job here: trials get them from their node, like every other worker (Ray 2.60, pinned)."""
-    from ray.tune.execution import class_cache
-
-    secrets = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
-    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - secrets
 
 
 @dataclass
@@ -99,7 +89,7 @@ def run_trials(
     `callbacks`: Ray Tune callbacks (e.g. the trial clock of benchmarks/bench_trials.py).
     """
     ensure_ray()
-    _keep_credentials_out_of_trials()
+    keep_credentials_out_of_trials()  # see ray_compat
     labels = [t.label for t in trials]
     if len(set(labels)) != len(labels):
         raise ValueError(f"trial labels must be unique, got {labels}")

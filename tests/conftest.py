@@ -74,13 +74,13 @@ def ray_local(s3_endpoint, tmp_path_factory) -> Iterator[None]:
     inherit them, as a real cluster's nodes have their own (credentials never travel with a job)."""
     import ray
 
-    from orchestrator.cluster import _drop_known_noise
     from orchestrator.local_cluster import connect, stop
+    from orchestrator.ray_compat import drop_known_noise
 
     state_file = tmp_path_factory.mktemp("ray") / "cluster.json"
     if not ray.is_initialized():
         connect(state_file, num_cpus=2)  # loopback, token auth, its own ports: as scripts/run.sh starts it
-        _drop_known_noise()
+        drop_known_noise()
     yield
     ray.shutdown()
     stop(state_file)

@@ -30,7 +30,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator.local_cluster import add_node, cluster_processes, enable_token_auth, free_ports, start, stop
+from orchestrator.local_cluster import add_node, cluster_processes, free_ports, start, stop
+from orchestrator.ray_compat import enable_token_auth
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
