@@ -1025,10 +1025,15 @@ def carried_wheels() -> list[str]:
     from importlib.metadata import version
 
     sys.path.insert(0, str(ROOT))
+    import importlib
+
     import models  # noqa: F401
     import orchestrator.config  # noqa: F401
     import orchestrator.step  # noqa: F401
-    import pipelines  # noqa: F401
+    import pipelines
+
+    for module in pipelines.MODULES:  # `import pipelines` imports them on first use (PEP 562): the check uses them all
+        importlib.import_module(f"pipelines.{module}")
 
     leaked = [m for m in NEVER_THERE if m in sys.modules]
     if leaked:
