@@ -191,6 +191,9 @@ class DebugConfig:
     kill_marker: str = ""  # file created when the kill happened, so it happens only once
     kill_worker_at_step: int = -1  # SIGKILL the last rank's process once, just before this global step (-1: never)
     trace_dir: str = ""  # each rank appends the sample keys of every step it trains here (drills count them)
+    # A drill's pace: each training step lasts at least this long (the rest of it asleep), so that a drill's
+    # events (a kill, a drain, a node that comes back) land mid-run however fast the machine trains (0: off).
+    min_step_seconds: float = 0.0
 
 
 @dataclass
@@ -416,6 +419,7 @@ def validate(cfg: TrainConfig) -> None:
         "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
         "checkpoint.preemption_poll_steps": cfg.checkpoint.preemption_poll_steps,
         "scaling.resize_interval_s": cfg.scaling.resize_interval_s,
+        "debug.min_step_seconds": cfg.debug.min_step_seconds,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -61,9 +61,19 @@ def ensure_token(path: Path | None = None) -> Path:
     os.chmod(path.parent, 0o700)
     if not path.exists() or not path.read_text().strip():
         # Ray's own generator: 256 random bits as hex (ray/_private/authentication/...token_generator.py).
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Written aside and linked into place: of two commands started at once in a new HOME, the first
+        # one's token is the token (two writers of one file each started a cluster with its own token).
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if not path.read_text().strip():  # an empty file left by something else: replace it
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     os.chmod(path, 0o600)
     return path
 

@@ -280,6 +280,7 @@ def train_steps(run: Run, epoch: int) -> None:
     run.sums = [torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0]
     run.clock = time.perf_counter()
     for batch in loader:
+        started = time.perf_counter()
         images, labels = batch[0], batch[1]
         if run.train_btf is not None:
             images = run.train_btf(images)
@@ -298,6 +299,8 @@ def train_steps(run: Run, epoch: int) -> None:
         p.step_in_epoch += 1
         if cfg.debug.trace_dir:
             _trace(run, epoch, batch[2])
+        if cfg.debug.min_step_seconds:  # a drill's pace (debug.min_step_seconds)
+            time.sleep(max(0.0, cfg.debug.min_step_seconds - (time.perf_counter() - started)))
         if p.warm:
             _end_warmup(run, correct, len(labels))
         if cfg.schedule.max_iters and p.step >= cfg.schedule.max_iters:

@@ -98,7 +98,10 @@ def run(argv: list[str], env: dict, cwd: Path, timeout: float = 900) -> tuple[in
     return rc, c.text()
 
 
-@pytest.mark.parametrize("name", ["ensemble", "ablate"])
+# One command each way (a run's fixed cost is most of these tests' time): the ensemble (the issue's exit 1) on
+# a cluster of its own, the ablation through `ray job submit`; both use the same `local_cluster.connect`, and
+# the ensemble under `ray job submit` is scripts/run.sh's path (test_first_run, the topology drills).
+@pytest.mark.parametrize("name", ["ensemble"])
 def test_a_command_that_starts_its_own_cluster_exits_0_and_leaves_nothing(name, digits_url, tmp_path):
     argv = [sys.executable, "-m", "orchestrator.run", *commands(digits_url, tmp_path / "runs")[name]]
     c = Command(argv, user_env(tmp_path), tmp_path)
@@ -190,7 +193,7 @@ def running_cluster(tmp_path_factory):
     stop(state_file)
 
 
-@pytest.mark.parametrize("name", ["ensemble", "ablate"])
+@pytest.mark.parametrize("name", ["ablate"])
 def test_ray_job_submit_of_the_same_reports_succeeded(name, running_cluster, digits_url):
     base, env = running_cluster
     argv = [sys.executable, "-m", "orchestrator.submit", "--", *commands(digits_url, base / f"runs-{name}")[name]]

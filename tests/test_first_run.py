@@ -220,3 +220,20 @@ def test_the_mlflow_ui_opens_on_the_training_runs_with_members_nested(first_run,
     total = len(client.search_runs([exp.experiment_id]))
     assert re.search(rf"\b{total} matching runs\b", text), (total, text[-1500:])
     assert "resnet14" not in text, "members are nested under the ensemble's row, not listed beside it"
+
+
+def test_commands_started_at_once_in_a_new_home_agree_on_one_token(tmp_path):
+    """Eight processes create ~/.ray/auth_token at once (two commands, or two test workers, in a new HOME):
+    every one of them reads the same token back, a 0600 file."""
+    code = ("import os, sys, time; from pathlib import Path; from orchestrator.local_cluster import ensure_token\n"
+            "while not os.path.exists(sys.argv[2]): pass\n"  # all at once: each spins until the start file appears
+            "print(ensure_token(Path(sys.argv[1])).read_text())")
+    path, go = tmp_path / ".ray" / "auth_token", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(go)], stdout=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    time.sleep(1.5)  # every process imported and spinning
+    go.touch()
+    tokens = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert len(tokens) == 1 and len(tokens.pop()) == 64
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["auth_token"], "no temporary file left"
