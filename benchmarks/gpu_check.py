@@ -76,10 +76,11 @@ MAY_TRAVEL = {  # distribution -> top-level module
 }
 
 # The validation error (%) of ResNet-20 in the CPU demo (BENCHMARKS.md, "The main job": 6.30 on
-# 2026-11-23, 4.44 on 2026-11-24, 270 images, the ensemble's recipe below). The check asks for the
-# larger. Its `converge` loop on the CPU (fp32, 1 thread) ends at 4.44 % with seed 0, as the demo did,
-# and at 8.52 % with seed 1: hence up to two seeds.
-DEMO_RESNET20_VAL_ERR = 6.30
+# 2026-11-23, 4.44 on 2026-11-24, 270 images, the ensemble's recipe below; 6.67 on 2026-12-01, after
+# issue 19 made the sample order and the augmentations the run's). The check asks for the largest. Its
+# `converge` loop on the CPU (fp32, 1 thread) ended at 4.44 % with seed 0, as the demo did, and at
+# 8.52 % with seed 1 (before issue 19's order): hence up to two seeds.
+DEMO_RESNET20_VAL_ERR = 6.67
 DEMO_RECIPE = ["scaling.num_workers=1", "optim.batch_size=32", "schedule.epochs=6", "schedule.milestones=[5]"]
 
 SKIMAGE_PHOTOS = (  # real photographs bundled with scikit-image (no download): each one a class
