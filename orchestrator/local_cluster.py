@@ -72,6 +72,8 @@ def ensure_token(path: Path | None = None) -> Path:
         except FileExistsError:
             if not path.read_text().strip():  # an empty file left by something else: replace it
                 os.replace(tmp, path)
+        except OSError:  # a filesystem without hard links: the last writer wins, as before
+            os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     os.chmod(path, 0o600)
